@@ -1,0 +1,114 @@
+"""Calibration data: token windows from a text file, a JSONL file, or a Hugging Face dataset.
+
+The paper's protocol is the default: 10 samples of 128 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+@dataclass
+class CalibSpec:
+    source: str  # a .txt file, a .jsonl file, or "hf:NAME[:CONFIG]"
+    num_samples: int = 10
+    seq_len: int = 128
+    seed: int = 0
+    add_bos: bool = False
+    split: str = "train"  # Hugging Face datasets only
+    text_field: str = "text"  # JSONL and Hugging Face datasets
+
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise UsageError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.seq_len < 2:
+            raise UsageError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        if not self.source.startswith("hf:") and not Path(self.source).is_file():
+            raise UsageError(f"calibration file {self.source} not found; pass a .txt or .jsonl file or hf:DATASET")
+
+
+@dataclass
+class CalibBatch:
+    input_ids: object  # LongTensor [N, T]
+    attention_mask: object  # LongTensor [N, T], 0 on right padding
+    description: dict
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _read_texts(spec: CalibSpec) -> tuple[list[str], bool, dict]:
+    """Return (texts, one_sample_per_text, provenance)."""
+    from ..io import sha256_file
+
+    if spec.source.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise UsageError("hf: calibration sources need the `datasets` package: pip install datasets") from e
+        name, _, config = spec.source[3:].partition(":")
+        ds = datasets.load_dataset(name, config or None, split=spec.split)
+        if spec.text_field not in ds.column_names:
+            raise UsageError(f"dataset {name} has no field {spec.text_field!r}; fields: {', '.join(ds.column_names)}")
+        return ["\n\n".join(t for t in ds[spec.text_field] if t)], False, {"dataset": name, "config": config or None}
+    path = Path(spec.source)
+    prov = {"file": str(path), "sha256": sha256_file(path)}
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line expected") from e
+            if not isinstance(rec, dict) or spec.text_field not in rec:
+                raise UsageError(f"{path}:{n} has no field {spec.text_field!r}; set --text-field")
+            texts.append(str(rec[spec.text_field]))
+        if not texts:
+            raise UsageError(f"{path} holds no records")
+        return texts, True, prov
+    return [path.read_text(encoding="utf-8", errors="replace")], False, prov
+
+
+def load_calibration(spec: CalibSpec, tokenizer) -> CalibBatch:
+    """Tokenize the source into `num_samples` windows of `seq_len` tokens (BOS included when add_bos)."""
+    import torch
+
+    spec.validate()
+    texts, per_record, prov = _read_texts(spec)
+    bos = []
+    if spec.add_bos:
+        if tokenizer.bos_token_id is None:
+            raise UsageError("--add-bos was given but the tokenizer has no BOS token")
+        bos = [tokenizer.bos_token_id]
+    body_len = spec.seq_len - len(bos)
+    rows: list[list[int]] = []
+    if per_record:
+        for text in texts[: spec.num_samples]:
+            rows.append(bos + tokenizer(text, add_special_tokens=False)["input_ids"][:body_len])
+        if len(rows) < spec.num_samples:
+            raise UsageError(f"{spec.source} has {len(rows)} records; --num-samples asks for {spec.num_samples}")
+    else:
+        ids = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+        if len(ids) < body_len:
+            raise UsageError(f"{spec.source} has only {len(ids)} tokens; need at least {body_len} for one window")
+        rng = random.Random(spec.seed)
+        starts = [rng.randrange(0, len(ids) - body_len + 1) for _ in range(spec.num_samples)]
+        rows = [bos + ids[s : s + body_len] for s in starts]
+        prov["starts"] = starts
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    desc = {**asdict(spec), **prov, "num_tokens": int(mask.sum())}
+    return CalibBatch(input_ids=input_ids, attention_mask=mask, description=desc)

@@ -1,0 +1,316 @@
+"""Block-importance criteria. Every criterion returns one score per block: lower = less important.
+
+- ppl:       perplexity of the model with that one block removed (fast: reuses the full model's prefix)
+- taylor:    sum over the block's parameters of |w * dL/dw|, L = mean next-token cross-entropy
+- magnitude: sum over the block's parameters of |w|
+- bi:        Block Influence (ShortGPT): 1 - mean cos(block input, block output) over real tokens
+
+`iterative=True` (SLEB-style) removes the least important block, rescores the rest, and repeats.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UsageError
+from .families import blocks_of, family_for, get_path
+
+CRITERIA = ("ppl", "taylor", "magnitude", "bi")
+DATA_DRIVEN = ("ppl", "taylor", "bi")
+
+
+def protected_blocks(num_blocks: int, protect: list[int] | None = None, no_protect: bool = False) -> set[int]:
+    """The paper's "+" heuristic by default: the first 4 and the last 2 blocks are never removed."""
+    if no_protect:
+        return set()
+    if protect is None:
+        protect = [0, 1, 2, 3, -2, -1]
+    out = set()
+    for i in protect:
+        j = i + num_blocks if i < 0 else i
+        if not 0 <= j < num_blocks:
+            raise UsageError(f"protected block {i} is out of range for a model with {num_blocks} blocks")
+        out.add(j)
+    return out
+
+
+@dataclass
+class BlockScores:
+    criterion: str
+    scores: list  # one per block in the model's original numbering; None where not computed
+    candidates: list[int]
+    removal_order: list[int]  # least important first
+    iterative: bool = False
+    steps: list = field(default_factory=list)  # iterative: the scores seen at each step
+    base_ppl: float | None = None
+    calibration: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BlockScores:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared machinery: the inputs each block sees in the full model, and the model's tail.
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def _micro_batches(batch, size: int):
+    n = batch.input_ids.shape[0]
+    for s in range(0, n, size):
+        yield batch.input_ids[s : s + size], batch.attention_mask[s : s + size]
+
+
+@torch.no_grad()
+def capture_block_inputs(model, input_ids, attention_mask):
+    """Run the full model once; return the hidden states entering each block (plus the last block's
+    output) and the exact positional/keyword arguments each block was called with."""
+    blocks = blocks_of(model)
+    hiddens, calls = [], []
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            hiddens.append(args[0])
+            calls.append((args[1:], kwargs))
+        else:
+            kw = dict(kwargs)
+            hiddens.append(kw.pop("hidden_states"))
+            calls.append(((), kw))
+
+    def last_hook(module, args, kwargs, output):
+        hiddens.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(last_hook, with_kwargs=True))
+    try:
+        dev = _device_of(model)
+        model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hiddens, calls
+
+
+def run_block(block, hidden, call):
+    args, kwargs = call
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def tail_logits(model, hidden):
+    """Final norm, output head, and logit soft-capping where the config asks for it (Gemma 2)."""
+    h = get_path(model, family_for(model.config).final_norm)(hidden)
+    logits = model.lm_head(h)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def nll_sum(logits, input_ids, attention_mask) -> tuple[float, int]:
+    """Sum of next-token NLL over real (unpadded) positions, and their count."""
+    logits = logits[:, :-1].float()
+    labels = input_ids[:, 1:].to(logits.device)
+    valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(logits.device).bool()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    return float(nll[valid.reshape(-1)].double().sum()), int(valid.sum())
+
+
+def _ppl(total: float, count: int) -> float:
+    return math.exp(total / count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Criteria, each on the current model. `candidates` index the model as it is now.
+
+
+@torch.no_grad()
+def ppl_scores(model, batch, candidates, micro_batch: int = 10, progress: bool = True):
+    """Leave-one-out perplexity without recomputing the shared prefix.
+
+    The input of block i in the full model is also its input with block i removed, so removing i only
+    changes blocks i+1..L: those run again from the cached input, for all samples of a micro-batch at once.
+    """
+    blocks = blocks_of(model)
+    totals = {i: 0.0 for i in candidates}
+    base_total, count = 0.0, 0
+    steps = len(candidates) * math.ceil(batch.input_ids.shape[0] / micro_batch)
+    bar = tqdm(total=steps, desc="ppl: blocks", disable=not progress, leave=False)
+    for ids, mask in _micro_batches(batch, micro_batch):
+        hiddens, calls = capture_block_inputs(model, ids, mask)
+        s, c = nll_sum(tail_logits(model, hiddens[-1]), ids, mask)
+        base_total += s
+        count += c
+        for i in candidates:
+            h = hiddens[i]
+            for j in range(i + 1, len(blocks)):
+                h = run_block(blocks[j], h, calls[j])
+            totals[i] += nll_sum(tail_logits(model, h), ids, mask)[0]
+            bar.update(1)
+        del hiddens, calls
+    bar.close()
+    return {i: _ppl(totals[i], count) for i in candidates}, _ppl(base_total, count)
+
+
+@torch.no_grad()
+def ppl_scores_naive(model, batch, candidates, micro_batch: int = 10, progress: bool = True):
+    """The slow reference: a full forward pass per candidate with that block made an identity."""
+    blocks = blocks_of(model)
+    out = {}
+    dev = _device_of(model)
+    for i in tqdm(candidates, desc="ppl (naive): blocks", disable=not progress, leave=False):
+        handle = blocks[i].register_forward_hook(_identity_hook, with_kwargs=True)
+        total, count = 0.0, 0
+        try:
+            for ids, mask in _micro_batches(batch, micro_batch):
+                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+                s, c = nll_sum(logits, ids, mask)
+                total, count = total + s, count + c
+        finally:
+            handle.remove()
+        out[i] = _ppl(total, count)
+    return out
+
+
+def _identity_hook(module, args, kwargs, output):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def taylor_scores(model, batch, micro_batch: int = 2, progress: bool = True):
+    """sum |w * dL/dw| per block; gradients of the mean token NLL over the whole set, in micro-batches."""
+    blocks = blocks_of(model)
+    block_params = {id(p) for b in blocks for p in b.parameters()}
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in block_params)  # no gradient memory for embeddings and head
+        p.grad = None
+    total_tokens = int((batch.attention_mask[:, :-1] * batch.attention_mask[:, 1:]).sum())
+    dev = _device_of(model)
+    try:
+        for ids, mask in tqdm(
+            list(_micro_batches(batch, micro_batch)), desc="taylor: micro-batches", disable=not progress, leave=False
+        ):
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+            logits = logits[:, :-1].float()
+            labels = ids[:, 1:].to(dev)
+            valid = (mask[:, :-1] * mask[:, 1:]).to(dev).bool()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            (nll[valid].sum() / total_tokens).backward()
+        with torch.no_grad():
+            scores = [
+                float(sum((p * p.grad).abs().sum().double() for p in b.parameters() if p.grad is not None))
+                for b in blocks
+            ]
+    finally:
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(saved[n])
+    return scores
+
+
+@torch.no_grad()
+def magnitude_scores(model):
+    return [float(sum(p.detach().abs().sum().double() for p in b.parameters())) for b in blocks_of(model)]
+
+
+@torch.no_grad()
+def bi_scores(model, batch, micro_batch: int = 10, progress: bool = True):
+    """1 - mean over real tokens of cos(input of block i, output of block i)."""
+    n_blocks = len(blocks_of(model))
+    sums = torch.zeros(n_blocks, dtype=torch.float64)
+    count = 0
+    for ids, mask in _micro_batches(batch, micro_batch):
+        hiddens, _ = capture_block_inputs(model, ids, mask)
+        valid = mask.to(hiddens[0].device).bool()
+        for i in range(n_blocks):
+            cos = torch.nn.functional.cosine_similarity(hiddens[i].float(), hiddens[i + 1].float(), dim=-1)
+            sums[i] += cos[valid].double().sum().cpu()
+        count += int(valid.sum())
+    return [float(1.0 - s / count) for s in sums]
+
+
+def _score_current(model, criterion, batch, candidates, micro_batch, progress):
+    """Scores on the current model, for every block (None where a criterion skips non-candidates)."""
+    n = len(blocks_of(model))
+    base = None
+    if criterion == "ppl":
+        d, base = ppl_scores(model, batch, candidates, micro_batch, progress)
+        return [d.get(i) for i in range(n)], base
+    if criterion == "taylor":
+        return taylor_scores(model, batch, max(1, micro_batch // 5), progress), base
+    if criterion == "magnitude":
+        return magnitude_scores(model), base
+    if criterion == "bi":
+        return bi_scores(model, batch, micro_batch, progress), base
+    raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def score_blocks(
+    model,
+    criterion: str,
+    batch=None,
+    protect: list[int] | None = None,
+    no_protect: bool = False,
+    iterative: bool = False,
+    num_remove: int | None = None,
+    micro_batch: int = 10,
+    progress: bool = True,
+) -> BlockScores:
+    """Score every block of `model`. Iterative mode modifies a copy of the model, never `model` itself."""
+    from .pruning import remove_blocks
+
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion in DATA_DRIVEN and batch is None:
+        raise UsageError(f"criterion {criterion} needs calibration data; pass --calib FILE")
+    n = len(blocks_of(model))
+    protected = protected_blocks(n, protect, no_protect)
+    candidates = [i for i in range(n) if i not in protected]
+    if not candidates:
+        raise UsageError("every block is protected, so none can be scored for removal; change --protect")
+    t0 = time.perf_counter()
+    calib = batch.description if batch is not None else {}
+    if not iterative:
+        scores, base = _score_current(model, criterion, batch, candidates, micro_batch, progress)
+        order = sorted(candidates, key=lambda i: scores[i])
+        return BlockScores(
+            criterion, scores, candidates, order, False, [], base, calib, seconds=time.perf_counter() - t0
+        )
+
+    if criterion not in DATA_DRIVEN:
+        raise UsageError(f"iterative mode needs a data-driven criterion ({', '.join(DATA_DRIVEN)}), not {criterion}")
+    if not num_remove or num_remove < 1:
+        raise UsageError("iterative scoring needs the number of blocks to remove (--remove N or --ratio R)")
+    if num_remove > len(candidates):
+        raise UsageError(f"cannot remove {num_remove} blocks: only {len(candidates)} are not protected")
+    import copy
+
+    work = copy.deepcopy(model)
+    alive = list(range(n))  # original index of each block of `work`
+    order, steps, first, base0 = [], [], None, None
+    for _ in tqdm(range(num_remove), desc=f"iterative {criterion}: removals", disable=not progress):
+        cand_now = [k for k, orig in enumerate(alive) if orig in candidates]
+        scores, base = _score_current(work, criterion, batch, cand_now, micro_batch, progress)
+        if first is None:
+            first, base0 = scores, base
+        k = min(cand_now, key=lambda k: scores[k])
+        steps.append({"removed": alive[k], "scores": {alive[j]: scores[j] for j in cand_now}, "base_ppl": base})
+        order.append(alive[k])
+        remove_blocks(work, [k])
+        del alive[k]
+    del work
+    return BlockScores(criterion, first, candidates, order, True, steps, base0, calib, seconds=time.perf_counter() - t0)

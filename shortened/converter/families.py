@@ -1,0 +1,72 @@
+"""What differs per model family, in one declarative table.
+
+Each entry says where the decoder blocks live, which config field counts them, which config lists
+hold one entry per block, and which modules carry a per-block index that must be renumbered after
+blocks are removed. Everything else in the converter is family-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class Family:
+    blocks: str  # dotted path from the *ForCausalLM model to the ModuleList of decoder blocks
+    final_norm: str  # dotted path to the norm applied after the last block
+    num_layers_key: str = "num_hidden_layers"
+    per_layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
+    layer_idx_attrs: tuple[str, ...] = ("self_attn.layer_idx",)  # per-block indices (relative to a block)
+    # config fields that count blocks from the bottom (e.g. Qwen2's max_window_layers): remapped on removal
+    layer_count_thresholds: tuple[str, ...] = ()
+    needs_bos: bool = False  # perplexity windows need a BOS token (Gemma)
+
+
+_LLAMA_LIKE = Family(blocks="model.layers", final_norm="model.norm")
+
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": Family(blocks="model.layers", final_norm="model.norm", layer_count_thresholds=("max_window_layers",)),
+    "qwen3": Family(blocks="model.layers", final_norm="model.norm", layer_count_thresholds=("max_window_layers",)),
+    "gemma2": Family(blocks="model.layers", final_norm="model.norm", needs_bos=True),
+    "phi3": _LLAMA_LIKE,
+    "gpt2": Family(
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        num_layers_key="n_layer",
+        layer_idx_attrs=("attn.layer_idx",),
+    ),
+}
+
+
+def family_for(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UsageError(
+            f"unsupported architecture {model_type!r}; supported model types: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+def get_path(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(obj, dotted: str, value) -> None:
+    *head, last = dotted.split(".")
+    for part in head:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def blocks_of(model):
+    return get_path(model, family_for(model.config).blocks)
+
+
+def num_blocks(config) -> int:
+    return int(getattr(config, family_for(config).num_layers_key))

@@ -1,0 +1,121 @@
+"""Removing decoder blocks: the result is a standard checkpoint of the same architecture with fewer layers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from .families import blocks_of, family_for, get_path, num_blocks, set_path
+
+log = logging.getLogger(__name__)
+
+
+def remove_blocks(model, indices) -> None:
+    """Remove blocks (current numbering) in place, and fix the config and per-block indices to match."""
+    fam = family_for(model.config)
+    blocks = blocks_of(model)
+    n = len(blocks)
+    drop = set(indices)
+    keep = [i for i in range(n) if i not in drop]
+    set_path(model, fam.blocks, torch.nn.ModuleList([blocks[i] for i in keep]))
+    for new_idx, block in enumerate(blocks_of(model)):
+        for attr in fam.layer_idx_attrs:
+            owner, _, name = attr.rpartition(".")
+            target = get_path(block, owner) if owner else block
+            if hasattr(target, name):
+                setattr(target, name, new_idx)
+    cfg = model.config
+    setattr(cfg, fam.num_layers_key, len(keep))
+    for key in fam.per_layer_lists:
+        value = getattr(cfg, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            setattr(cfg, key, [value[i] for i in keep])
+    for key in fam.layer_count_thresholds:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            setattr(cfg, key, sum(1 for i in keep if i < value))
+
+
+def choose_blocks(
+    removal_order: list[int] | None,
+    n_blocks: int,
+    remove: int | None = None,
+    ratio: float | None = None,
+    blocks: list[int] | None = None,
+    protected: set[int] = frozenset(),
+) -> list[int]:
+    """Which blocks (original numbering) to remove: an explicit list, or the first N of the removal order."""
+    given = sum(x is not None for x in (remove, ratio, blocks))
+    if given != 1:
+        raise UsageError("say how many blocks to remove with exactly one of --remove N, --ratio R or --blocks LIST")
+    if blocks is not None:
+        if len(set(blocks)) != len(blocks):
+            raise UsageError(f"--blocks has repeated indices: {blocks}")
+        bad = [b for b in blocks if not 0 <= b < n_blocks]
+        if bad:
+            raise UsageError(f"--blocks {bad} out of range: the model has blocks 0..{n_blocks - 1}")
+        hit = sorted(set(blocks) & set(protected))
+        if hit:
+            raise UsageError(f"blocks {hit} are protected (first 4, last 2); pass --no-protect to remove them")
+        chosen = sorted(blocks)
+    else:
+        if ratio is not None:
+            if not 0 < ratio < 1:
+                raise UsageError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+            remove = max(1, round(ratio * n_blocks))
+        if remove < 1:
+            raise UsageError(f"--remove must be at least 1, got {remove}")
+        if removal_order is None:
+            raise UsageError("choosing blocks by count needs scores: pass --scores FILE or --criterion")
+        if remove > len(removal_order):
+            raise UsageError(
+                f"cannot remove {remove} blocks: only {len(removal_order)} are candidates (others are protected)"
+            )
+        chosen = sorted(removal_order[:remove])
+    if len(chosen) >= n_blocks:
+        raise UsageError(f"removing all {n_blocks} blocks leaves no model; remove fewer")
+    return chosen
+
+
+def prune_model(model, removed: list[int]):
+    """Remove blocks (original numbering) from a loaded model, in place; returns the model."""
+    remove_blocks(model, removed)
+    return model
+
+
+def write_pruning_record(out_dir: Path, source: str, n_blocks: int, removed: list[int], scores=None) -> None:
+    from .. import __version__
+    from ..io import write_json
+
+    rec = {
+        "tool": f"shortened {__version__}",
+        "source_model": source,
+        "original_num_blocks": n_blocks,
+        "removed_blocks": removed,
+        "kept_blocks": [i for i in range(n_blocks) if i not in removed],
+        "criterion": scores.criterion if scores is not None else "manual",
+        "scores": scores.to_dict() if scores is not None else None,
+    }
+    write_json(out_dir / "pruning.json", rec)
+
+
+def load_scores(path) -> BlockScores:  # noqa: F821
+    from .criteria import BlockScores
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"scores file {path} not found; make one with `shortened score`")
+    try:
+        return BlockScores.from_dict(json.loads(p.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise UsageError(f"{path} is not a scores.json written by `shortened score` ({e})") from e
+
+
+def check_scores_match(scores, config) -> None:
+    n = num_blocks(config)
+    if len(scores.scores) != n:
+        raise UsageError(f"the scores are for a model with {len(scores.scores)} blocks, this model has {n}")

