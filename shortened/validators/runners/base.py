@@ -1,0 +1,74 @@
+"""The small interface every backend runner implements, and the greedy generation loop they all share.
+
+A runner holds one loaded causal LM and runs one step of it: tokens in (with the mask covering past + new
+positions), logits and an updated KV cache out. The cache is opaque to callers (each backend keeps it where it
+computes: numpy arrays, ORT values or device buffers); `None` is the empty cache of the first step.
+Arrays at the interface are numpy: input_ids / attention_mask / position_ids int64, logits float32.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class Runner(ABC):
+    name: str = "runner"
+
+    @abstractmethod
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache=None):
+        """Run the new tokens [B, S] given the full mask [B, past + S]; return (logits [B, S, V], cache)."""
+
+    def providers(self) -> list[str]:
+        """What actually executes the model (e.g. session.get_providers()), not what was requested."""
+        return [self.name]
+
+    def close(self) -> None:  # noqa: B027 - optional: most runners hold nothing that needs releasing
+        """Release sessions or device memory."""
+
+
+def position_ids_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Positions of the last `new_tokens` entries, counting only real (unmasked) tokens, as HF does."""
+    pos = np.cumsum(attention_mask, axis=1) - 1
+    pos = np.where(attention_mask == 0, 1, pos)
+    return pos[:, -new_tokens:].astype(np.int64)
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray  # [B, new] generated token ids
+    prefill_logits: np.ndarray  # [B, S, V] logits of the prompt step
+    step_logits: list = field(default_factory=list)  # [B, V] next-token logits of each step (prefill's last first)
+    prefill_s: float = 0.0
+    decode_s: list = field(default_factory=list)  # seconds of each decode step
+
+
+def greedy_generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
+                    timer=None) -> Generation:  # fmt: skip
+    """Greedy decoding with the KV cache: one prefill step, then one token per step. Left padding works."""
+    import time
+
+    timer = timer or time.perf_counter
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    t0 = timer()
+    logits, cache = runner.step(input_ids, mask, position_ids_from_mask(mask, input_ids.shape[1]), None)
+    gen = Generation(tokens=np.zeros((input_ids.shape[0], 0), np.int64), prefill_logits=logits)
+    gen.prefill_s = timer() - t0
+    last = logits[:, -1, :]
+    out = []
+    for i in range(max_new_tokens):
+        gen.step_logits.append(last)
+        nxt = last.argmax(-1).astype(np.int64)[:, None]
+        out.append(nxt)
+        if i == max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+        t0 = timer()
+        logits, cache = runner.step(nxt, mask, position_ids_from_mask(mask, 1), cache)
+        gen.decode_s.append(timer() - t0)
+        last = logits[:, -1, :]
+    gen.tokens = np.concatenate(out, axis=1) if out else gen.tokens
+    return gen
