@@ -9,7 +9,7 @@ from ..errors import UsageError
 from ..io import atomic_dir, check_output_dir, fingerprint_path, write_json
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import save_checkpoint
-from .criteria import BlockScores, protected_blocks, score_blocks
+from .criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
 from .families import num_blocks
 from .loading import Loaded, LoadOptions, load_config, load_model
 from .pruning import check_scores_match, choose_blocks, load_scores, remove_blocks, write_pruning_record
@@ -103,11 +103,22 @@ def prune(
         raise UsageError("say how many blocks to remove with exactly one of --remove N, --ratio R or --blocks LIST")
     if blocks is None and scores is None and criterion is None:
         raise UsageError("choosing blocks by count needs scores: pass --scores FILE or --criterion NAME")
+    # validate everything before any weights are read
     if blocks is not None:
-        choose_blocks(None, n, blocks=blocks, protected=protected)  # validate before loading weights
+        choose_blocks(None, n, blocks=blocks, protected=protected)
+    else:
+        candidates = [i for i in range(n) if i not in protected]
+        choose_blocks(candidates, n, remove, ratio, None, protected)  # counts, ranges, protection
     if isinstance(scores, (str, Path)):
         scores = load_scores(scores)
         check_scores_match(scores, config)
+    if scores is None and blocks is None:
+        if criterion in DATA_DRIVEN and calib is None:
+            raise UsageError(f"criterion {criterion} needs calibration data; pass --calib FILE")
+        if iterative and criterion not in DATA_DRIVEN:
+            raise UsageError(
+                f"iterative mode needs a data-driven criterion ({', '.join(DATA_DRIVEN)}), not {criterion}"
+            )
     if calib is not None:
         calib.validate()
     loaded = load_model(src, opts)
@@ -116,7 +127,8 @@ def prune(
         scores = score(
             loaded, criterion, calib, protect, no_protect, iterative, num, ratio, micro_batch, progress=progress
         )
-    removed = choose_blocks(scores.removal_order if scores else None, n, remove, ratio, blocks, protected)
+    order = [i for i in scores.removal_order if i not in protected] if scores else None
+    removed = choose_blocks(order, n, remove, ratio, blocks, protected)
     log.info("removing blocks %s of %d", removed, n)
     remove_blocks(loaded.model, removed)
     with atomic_dir(out, force, inputs=(src,)) as tmp:
