@@ -17,6 +17,7 @@ from .errors import GateFailed, UsageError
 # "validate" sub-command groups.
 COMMAND_MODULES = [
     "shortened.converter.cli",
+    "shortened.validators.cli",
 ]
 
 

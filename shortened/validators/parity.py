@@ -1,0 +1,406 @@
+"""Parity: does the exported ONNX model compute what the PyTorch model computes?
+
+Like Polygraphy, the comparator stands apart from the backends: both models run behind the same Runner interface
+(runners/torch_runner.py, runners/onnxruntime.py) through the same greedy loop (runners/base.py) on the same
+cases, and only their outputs meet here. Cases: real text prompts and random token ids, batch 1 and larger
+batches with LEFT padding, several prompt lengths, each followed by a multi-step greedy decode with the KV cache.
+
+Metrics per case, over real (unmasked) positions only: the prompt's positions, then every decode step up to the
+first step where the two greedy generations part (later steps would compare different inputs).
+- max_abs / mean_abs: |onnx - torch| of the logits; max_rel: the same divided by |torch| (Polygraphy's reldiff)
+- cosine: the lowest cosine similarity between the two logit vectors of one position
+- top1: the fraction of positions whose argmax agrees
+- kl: the largest KL(torch || onnx) between the two next-token distributions
+- generation: the first position where the N greedy tokens differ (N when identical); gen_match is its mean / N
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from .runners.base import greedy_generate
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+# real text used when the user passes no prompt file: the project's shared data, when it is present
+DEFAULT_TEXTS = [
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / name
+    for name in ("corpus_en.txt", "tinystories_sample.txt")
+]
+
+
+@dataclass
+class Tolerances:
+    """Gates on the metrics of every case; None means reported but not gated."""
+
+    max_abs: float | None = None  # largest |onnx - torch| of a logit
+    mean_abs: float | None = None
+    max_rel: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None  # fraction of positions with the same argmax
+    max_kl: float | None = None  # largest KL(torch || onnx) of one position's next-token distribution
+    min_gen_match: float | None = None  # mean over rows of (first differing greedy position) / new_tokens
+
+    def check(self, m: dict) -> list[str]:
+        """The failed gates, one short line each. NaN fails every gate it meets."""
+        fails = []
+        for key, metric, upper in (
+            ("max_abs", "max_abs", True),
+            ("mean_abs", "mean_abs", True),
+            ("max_rel", "max_rel", True),
+            ("min_cosine", "cosine", False),
+            ("min_top1", "top1", False),
+            ("max_kl", "kl", True),
+            ("min_gen_match", "gen_match", False),
+        ):
+            tol = getattr(self, key)
+            if tol is None:
+                continue
+            v = m[metric]
+            ok = v <= tol if upper else v >= tol
+            if not ok:  # written this way so that NaN fails
+                fails.append(f"{metric} {v:.3g} {'>' if upper else '<'} {tol:g}")
+        return fails
+
+
+# fp32: tight on the logits. fp16/bf16 are compared against the fp32 PyTorch model, and onnxruntime's CPU
+# provider does not really compute in half precision, so they are judged on what serving cares about: the same
+# top-1 token, a small KL between the next-token distributions, and the same greedy generation.
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerances(max_abs=1e-4, min_cosine=0.99999, min_top1=1.0, max_kl=1e-6, min_gen_match=1.0),
+    "fp16": Tolerances(min_cosine=0.999, min_top1=0.97, max_kl=2e-2, min_gen_match=0.75),
+    "bf16": Tolerances(min_cosine=0.99, min_top1=0.9, max_kl=1e-1, min_gen_match=0.5),
+}
+
+
+def tolerances_for(precision: str, overrides: Tolerances | dict | None = None) -> Tolerances:
+    """The named defaults of a precision, with any field overridden (a dict of fields, or a whole Tolerances)."""
+    if precision not in DEFAULT_TOLERANCES:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if isinstance(overrides, Tolerances):
+        return overrides
+    tol = DEFAULT_TOLERANCES[precision]
+    if overrides:
+        names = {f.name for f in dataclasses.fields(Tolerances)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise UsageError(f"unknown tolerance {unknown[0]!r}; known: {', '.join(sorted(names))}")
+        tol = dataclasses.replace(tol, **{k: None if v is None else float(v) for k, v in overrides.items()})
+    return tol
+
+
+@dataclass
+class Case:
+    name: str
+    source: str  # "text" or "random"
+    input_ids: np.ndarray  # [B, L], left padded
+    attention_mask: np.ndarray  # [B, L]
+
+
+@dataclass
+class CaseResult:
+    name: str
+    source: str
+    batch: int
+    seq_len: int
+    new_tokens: int
+    positions: int  # compared positions (real prompt tokens + decode steps before the generations part)
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine: float
+    top1: float
+    kl: float
+    mean_kl: float
+    prefill_max_abs: float
+    decode_max_abs: float
+    first_diff: list  # per row: first position where the greedy tokens differ, None when identical
+    gen_match: float
+    failures: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    onnx: str
+    precision: str
+    providers: list  # what onnxruntime actually ran (session.get_providers())
+    reference_providers: list
+    tolerances: Tolerances
+    cases: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(c.passed for c in self.cases)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {f}" for c in self.cases for f in c.failures]
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "reference": self.reference,
+            "onnx": self.onnx,
+            "precision": self.precision,
+            "execution_providers": self.providers,
+            "reference_runner": self.reference_providers,
+            "tolerances": dataclasses.asdict(self.tolerances),
+            "cases": [{**dataclasses.asdict(c), "passed": c.passed} for c in self.cases],
+            "failures": self.failures,
+            "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        head = ("case", "B", "L", "pos", "max_abs", "mean_abs", "max_rel", "cos_min", "top1", "kl_max", "gen", "result")
+        rows = [head]
+        for c in self.cases:
+            worst = min(d if d is not None else c.new_tokens for d in c.first_diff)
+            rows.append(
+                (
+                    c.name, str(c.batch), str(c.seq_len), str(c.positions), f"{c.max_abs:.2e}", f"{c.mean_abs:.2e}",
+                    f"{c.max_rel:.2e}", f"{c.cosine:.7f}", f"{c.top1:.4f}", f"{c.kl:.2e}",
+                    f"{worst}/{c.new_tokens}", "ok" if c.passed else "FAIL",
+                )
+            )  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [
+            "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        gates = ", ".join(f"{k}={v:g}" for k, v in dataclasses.asdict(self.tolerances).items() if v is not None)
+        lines += [
+            "",
+            f"reference: {self.reference} ({', '.join(self.reference_providers)})",
+            f"onnx:      {self.onnx} ({self.precision}) ran on {', '.join(self.providers)}",
+            f"gates:     {gates}  (gen = first differing greedy position / new tokens, worst row)",
+            *[f"note:      {n}" for n in self.notes],
+        ]
+        if self.passed:
+            lines.append(f"PASS: all {len(self.cases)} cases within tolerances")
+        else:
+            bad = [c for c in self.cases if not c.passed]
+            lines.append(f"FAIL: {len(bad)} of {len(self.cases)} cases out of tolerance; first: {self.failures[0]}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+
+
+def row_lengths(batch: int, seq_len: int) -> list[int]:
+    """Real tokens per row: the first row is full, later rows shorter, so every batch > 1 has left padding."""
+    return [max(1, seq_len - (r * seq_len) // (batch + 1)) for r in range(batch)]
+
+
+def make_cases(batch_sizes, seq_lens, vocab_size: int, pad_id: int, text_ids=None, seed: int = 0) -> list[Case]:
+    rng = np.random.default_rng(seed)
+    sources = (["text"] if text_ids is not None else []) + ["random"]
+    cases = []
+    for source in sources:
+        for b in batch_sizes:
+            for n in seq_lens:
+                ids = np.full((b, n), pad_id, np.int64)
+                mask = np.zeros((b, n), np.int64)
+                for r, k in enumerate(row_lengths(b, n)):
+                    if source == "text":
+                        start = int(rng.integers(0, len(text_ids) - k + 1))
+                        ids[r, n - k :] = text_ids[start : start + k]
+                    else:
+                        ids[r, n - k :] = rng.integers(0, vocab_size, k)
+                    mask[r, n - k :] = 1
+                cases.append(Case(f"{source} b{b} L{n}", source, ids, mask))
+    return cases
+
+
+def read_prompt_ids(tokenizer, prompts_file, min_tokens: int, max_chars: int = 200_000):
+    """Token ids of the prompt text (a user's file, else the shared data when present, else None: random only)."""
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UsageError(f"prompts file {prompts_file} not found; pass a text file")
+    else:
+        path = next((p for p in DEFAULT_TEXTS if p.is_file()), None)
+        if path is None:
+            return None, "no prompt text found (pass --prompts FILE): random token ids only"
+    if tokenizer is None:
+        raise UsageError(f"the reference model has no tokenizer, so the prompts in {path} cannot be tokenized")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read(max_chars)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+    if len(ids) < min_tokens:
+        raise UsageError(f"{path} holds {len(ids)} tokens, fewer than the longest case ({min_tokens}); pass more text")
+    return ids, f"text prompts from {path}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare(ref, got, mask: np.ndarray, new_tokens: int) -> dict:
+    """Metrics of one case from two Generation results (runners/base.py) of the same inputs."""
+    real = mask.astype(bool)
+    a_parts, b_parts = [ref.prefill_logits[real]], [got.prefill_logits[real]]
+    first_diff = []
+    for r in range(mask.shape[0]):
+        differ = np.nonzero(ref.tokens[r] != got.tokens[r])[0]
+        d = int(differ[0]) if len(differ) else new_tokens
+        first_diff.append(None if d == new_tokens else d)
+        # step k's logits follow tokens 0..k-1: identical inputs for k <= d. Step 0 is the prompt's last position.
+        for k in range(1, min(d, new_tokens - 1) + 1):
+            a_parts.append(ref.step_logits[k][r : r + 1])
+            b_parts.append(got.step_logits[k][r : r + 1])
+    a = np.concatenate(a_parts).astype(np.float64)
+    b = np.concatenate(b_parts).astype(np.float64)
+    n_prefill = len(a_parts[0])
+    diff = np.abs(a - b)
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    la, lb = _log_softmax(a), _log_softmax(b)
+    kl = (np.exp(la) * (la - lb)).sum(-1)
+    nan = float("nan")
+    return dict(
+        positions=len(a),
+        max_abs=float(diff.max()),
+        mean_abs=float(diff.mean()),
+        max_rel=float((diff / np.maximum(np.abs(a), 1e-6)).max()),
+        cosine=float(cos.min()),
+        top1=float((a.argmax(-1) == b.argmax(-1)).mean()),
+        kl=float(kl.max()),
+        mean_kl=float(kl.mean()),
+        prefill_max_abs=float(diff[:n_prefill].max()),
+        decode_max_abs=float(diff[n_prefill:].max()) if len(a) > n_prefill else nan,
+        first_diff=first_diff,
+        gen_match=float(np.mean([new_tokens if d is None else d for d in first_diff]) / new_tokens),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def export_precision(onnx_path: Path) -> str:
+    """The precision of an export: its export.json, else the dtype holding most of the graph's weights."""
+    meta = onnx_path.parent / "export.json"
+    if meta.is_file():
+        p = str(json.loads(meta.read_text()).get("precision", "")).lower()
+        p = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}.get(p, p)
+        if p in PRECISIONS:
+            return p
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    sizes = {}
+    for t in model.graph.initializer:
+        sizes[t.data_type] = sizes.get(t.data_type, 0) + int(np.prod(t.dims))
+    names = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    return names.get(max(sizes, key=sizes.get), "fp32") if sizes else "fp32"
+
+
+def _check_ints(name: str, values, minimum: int = 1) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if not values or min(values) < minimum:
+        raise UsageError(f"{name} must be one or more integers >= {minimum}, got {list(values)}")
+    return values
+
+
+def validate_parity(
+    reference,
+    onnx_dir,
+    precision: str | None = None,
+    tolerances: Tolerances | dict | None = None,
+    prompts_file: str | Path | None = None,
+    batch_sizes=(1, 2),
+    seq_lens=(1, 16, 48),
+    new_tokens: int = 16,
+    seed: int = 0,
+    provider: str | None = None,
+    threads: int | None = None,
+    load=None,
+    progress: bool = True,
+) -> ParityReport:
+    """Run the PyTorch reference and the ONNX model on the same cases and compare them (see the module doc).
+
+    reference: a model directory / hub id / GGUF file (loaded in fp32 unless `load` says otherwise), or a
+    converter.loading.Loaded. precision: the export's (None: read export.json). tolerances: a Tolerances, or a
+    dict of fields overriding the precision's defaults. provider: cpu, cuda, tensorrt (None: CUDA where present,
+    else CPU). The report names the execution providers that actually ran.
+    """
+    from tqdm.auto import tqdm
+
+    from ..converter.families import num_blocks
+    from ..converter.loading import Loaded, load_config, load_model
+    from .runners.onnxruntime import find_onnx_model, load_ort_runner
+    from .runners.torch_runner import TorchRunner
+
+    batch_sizes = _check_ints("batch sizes", batch_sizes)
+    seq_lens = _check_ints("sequence lengths", seq_lens)
+    (new_tokens,) = _check_ints("new tokens", [new_tokens])
+    onnx_path = find_onnx_model(onnx_dir)
+    if precision is None:
+        precision = export_precision(onnx_path)
+    tol = tolerances_for(precision, tolerances)
+    if isinstance(reference, Loaded):
+        loaded, ref_name = reference, str(reference.source)
+    else:
+        ref_name = str(reference)
+        load_config(ref_name)  # a missing model or an unsupported architecture fails before any weights load
+        loaded = None
+    runner = load_ort_runner(onnx_path, provider, threads)
+    onnx_cfg_path = onnx_path.parent / "config.json"
+    if loaded is None:
+        loaded = load_model(ref_name, load)
+    ref_blocks = num_blocks(loaded.model.config)
+    onnx_blocks = runner.num_layers if runner.has_cache else None
+    if onnx_blocks is None and onnx_cfg_path.is_file():
+        from transformers import AutoConfig
+
+        onnx_blocks = num_blocks(AutoConfig.from_pretrained(onnx_cfg_path.parent))
+    if onnx_blocks is not None and onnx_blocks != ref_blocks:
+        raise UsageError(
+            f"the ONNX model has {onnx_blocks} layers but the reference {ref_name} has {ref_blocks} blocks; "
+            "validate an export against the model it was exported from"
+        )
+    cfg = loaded.model.config
+    vocab = int(cfg.vocab_size)
+    pad = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
+    text_ids, note = read_prompt_ids(loaded.tokenizer, prompts_file, max(seq_lens))
+    ref_runner = TorchRunner(loaded.model)
+    report = ParityReport(ref_name, str(onnx_path.parent), precision, runner.providers(), ref_runner.providers(), tol)
+    report.notes.append(note)
+    if not runner.has_cache:
+        report.notes.append("the ONNX graph has no KV cache: each decode step re-runs the whole sequence")
+    cases = make_cases(batch_sizes, seq_lens, vocab, int(pad), text_ids, seed)
+    for case in tqdm(cases, desc="parity", disable=not progress, leave=False):
+        ref = greedy_generate(ref_runner, case.input_ids, case.attention_mask, new_tokens)
+        got = greedy_generate(runner, case.input_ids, case.attention_mask, new_tokens)
+        if got.prefill_logits.shape != ref.prefill_logits.shape:
+            raise UsageError(
+                f"the ONNX model's logits have shape {got.prefill_logits.shape[1:]} per row but the reference's "
+                f"{ref.prefill_logits.shape[1:]}: they are different models"
+            )
+        m = compare(ref, got, case.attention_mask, new_tokens)
+        b, n = case.input_ids.shape
+        result = CaseResult(case.name, case.source, b, n, new_tokens, **m)
+        result.failures = tol.check(m)
+        report.cases.append(result)
+        log.info("%s: max_abs %.3g kl %.3g first_diff %s", case.name, m["max_abs"], m["kl"], m["first_diff"])
+    runner.close()
+    return report
