@@ -17,7 +17,10 @@ from .errors import GateFailed, UsageError
 # "validate" sub-command groups.
 COMMAND_MODULES = [
     "shortened.converter.cli",
+    "shortened.validators.bench_cli",
     "shortened.validators.cli",
+    "shortened.exporters.tensorrt_cli",
+    "shortened.converter.retrain_cli",
 ]
 
 

@@ -68,6 +68,8 @@ def plan_width(config, target_params: int, kv_groups: int | None = None, multipl
     """Choose (kv_groups, intermediate_size) so the narrowed model has about `target_params` parameters."""
     if config.model_type not in SUPPORTED:
         raise UsageError(f"width pruning supports {', '.join(SUPPORTED)}; got model type {config.model_type!r}")
+    if multiple_of < 1:
+        raise UsageError(f"multiple_of must be at least 1, got {multiple_of}")
     d = _dims(config)
     full = count_params_of_config(config)
     if target_params >= full:
