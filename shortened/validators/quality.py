@@ -88,3 +88,51 @@ def perplexity(
         total += float(nll)
         count += x[:, 1:].numel()
     return Perplexity(math.exp(total / count), total / count, count, len(windows), seq_len, source)
+
+
+def evaluate(
+    model,
+    ppl: str | list[str] | None = ("wikitext2",),
+    seq_len: int = 128,
+    add_bos: bool | None = None,
+    tasks: str | list[str] | None = None,
+    limit: int | float | None = None,
+    include_path: str | list[str] | None = None,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    num_fewshot: int = 0,
+    load=None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity on each source and, when tasks are given, zero-shot accuracy through lm-eval.
+
+    `model` is a checkpoint path / hub id or a shortened Loaded; add_bos None means "if the family needs it"
+    (Gemma). Returns {"model", "seq_len", "add_bos", "perplexity": {source: {...}}, "zeroshot": {...}}.
+    """
+    from ..converter.families import family_for
+    from ..converter.loading import Loaded, load_model
+
+    if isinstance(ppl, str):
+        ppl = [s for s in ppl.split(",") if s]
+    ppl = list(ppl or [])
+    if not ppl and tasks is None:
+        raise UsageError("nothing to evaluate: pass --ppl SOURCE[,SOURCE] and/or --tasks")
+    if seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    for s in ppl:
+        if s not in NAMED_SOURCES and not Path(s).is_file():
+            raise UsageError(f"text source {s} not found: pass a text file or one of {', '.join(NAMED_SOURCES)}")
+    loaded = model if isinstance(model, Loaded) else load_model(str(model), load)
+    if add_bos is None:
+        add_bos = family_for(loaded.model.config).needs_bos
+    out = {"model": str(loaded.source), "seq_len": seq_len, "add_bos": add_bos, "perplexity": {}}
+    for s in ppl:
+        r = perplexity(loaded.model, loaded.tokenizer, s, seq_len, add_bos, batch_size, max_windows, progress)
+        out["perplexity"][s] = r.to_dict()
+    if tasks is not None:
+        from .zeroshot import zeroshot
+
+        out["zeroshot"] = zeroshot(
+            loaded.model, loaded.tokenizer, tasks, limit, include_path, batch_size, num_fewshot, add_bos
+        )
+    return out

@@ -1,0 +1,460 @@
+"""Retraining a pruned model with the Hugging Face Trainer: LoRA, full continued pretraining, or distillation.
+
+Because the loop is the Trainer's, the same call scales out with `accelerate launch` or `torchrun` (DDP, FSDP,
+DeepSpeed). Checkpoints go to `<out>.checkpoints` next to the output, so an interrupted run resumes from
+there (`resume=True`); the output directory itself appears only when the run is complete, holding a standard
+checkpoint (LoRA adapters merged) and retraining.json (method, data, steps, losses, time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UsageError
+from .loading import LoadOptions
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lora", "full", "distill")
+DEFAULT_LR = {"lora": 1e-4, "full": 1e-4}  # the paper's LoRA and continued-pretraining learning rates
+
+
+@dataclass
+class RetrainConfig:
+    method: str = "lora"  # lora | full | distill
+    # data
+    data: str | None = None  # .txt / .jsonl file, or a Hugging Face dataset (hf:NAME[:CONFIG])
+    val_data: str | None = None  # separate validation source; default: a held-out part of `data`
+    val_fraction: float = 0.05
+    data_format: str = "auto"  # auto | text (packed windows) | alpaca (prompt masked out of the loss)
+    text_field: str = "text"
+    split: str = "train"  # Hugging Face datasets only
+    seq_len: int = 256
+    add_bos: bool = False  # BOS at the start of every window / example (Gemma)
+    train_on_prompt: bool = False  # alpaca: keep the prompt tokens in the loss
+    max_examples: int | None = None  # cap on training examples (after the held-out split)
+    max_val_examples: int | None = 200
+    # optimisation (AdamW)
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    lr: float | None = None  # default: 1e-4 (lora, full); for distill that of its weights
+    weight_decay: float | None = None  # default: 0.1 for full weights, 0 for LoRA
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    bf16: bool | None = None  # None: where the device supports it (CUDA with bf16)
+    gradient_checkpointing: bool = False
+    eval_steps: int = 50  # validation (and checkpoint) every N steps; the best one is kept
+    logging_steps: int = 10
+    save_total_limit: int = 2
+    seed: int = 0
+    # LoRA (paper defaults)
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str | list[str] = "all-linear"  # every attention and MLP projection (not lm_head)
+    # distillation
+    teacher: str | None = None  # the original model; default: source_model in the pruned model's pruning.json
+    distill_weights: str = "full"  # train full weights or LoRA adapters
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0  # optional cross-entropy on the labels
+    # run
+    resume: bool = False
+    keep_checkpoints: bool = False
+    load: LoadOptions = field(default_factory=LoadOptions)
+    extra_args: dict = field(default_factory=dict)  # passed to TrainingArguments as is (e.g. fsdp, deepspeed)
+
+    @property
+    def weights(self) -> str:
+        """What is trained: lora or full."""
+        return self.distill_weights if self.method == "distill" else self.method
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "distill" and self.distill_weights not in ("lora", "full"):
+            raise UsageError(f"--distill-weights must be lora or full, got {self.distill_weights!r}")
+        if not self.data:
+            raise UsageError("retraining needs data: pass --data FILE (.txt, .jsonl) or a dataset name (hf:NAME)")
+        for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise UsageError("say how long to train: --max-steps N or --epochs E (> 0)")
+        if self.temperature <= 0:
+            raise UsageError(f"--temperature must be positive, got {self.temperature}")
+        if self.method == "distill" and self.kd_weight <= 0 and self.ce_weight <= 0:
+            raise UsageError("distillation needs --kd-weight or --ce-weight above 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["load"] = asdict(self.load)
+        return d
+
+
+def checkpoints_dir(out: str | Path) -> Path:
+    out = Path(out).resolve()
+    return out.with_name(f"{out.name}.checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation loss and trainer
+
+
+def distill_loss(student_logits, teacher_logits, labels, temperature=2.0, kd_weight=1.0, ce_weight=0.0):
+    """(loss, kl, ce): KL(teacher || student) on the next-token distributions at temperature T (scaled by T^2,
+    mean over the positions that have a label), plus ce_weight * cross-entropy on the labels."""
+    import torch.nn.functional as F
+
+    from .retrain_data import IGNORE
+
+    y = labels[:, 1:]
+    keep = y != IGNORE
+    s = student_logits[:, :-1][keep].float()
+    t = teacher_logits[:, :-1][keep].float()
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temperature**2
+    ce = F.cross_entropy(s, y[keep])
+    return kd_weight * kl + ce_weight * ce, kl, ce
+
+
+def _distill_trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class DistillTrainer(Trainer):
+        """The Trainer with the loss replaced by distill_loss against a frozen teacher."""
+
+        def __init__(self, *args, teacher, temperature, kd_weight, ce_weight, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+            self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+            self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean: let the Trainer scale it
+            self._parts = {"kl": [], "ce": []}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            x = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+            out = model(**x, use_cache=False)
+            with torch.no_grad():
+                t = self.teacher(**x, use_cache=False).logits
+            loss, kl, ce = distill_loss(
+                out.logits, t, inputs["labels"], self.temperature, self.kd_weight, self.ce_weight
+            )
+            if model.training:
+                self._parts["kl"].append(float(kl.detach()))
+                self._parts["ce"].append(float(ce.detach()))
+            return (loss, out) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self._parts["kl"]:
+                for k, v in self._parts.items():
+                    logs[k] = round(sum(v) / len(v), 4)
+                    v.clear()
+            super().log(logs, *args, **kwargs)
+
+    return DistillTrainer
+
+
+def _final_step_callback():
+    from transformers import TrainerCallback
+
+    class EvaluateLastStep(TrainerCallback):
+        """Validate and checkpoint the last step too, so the best-checkpoint choice sees the end of training."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = True
+                control.should_save = True
+            return control
+
+    return EvaluateLastStep()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_teacher(model_source: str, cfg: RetrainConfig) -> str:
+    if cfg.teacher:
+        return cfg.teacher
+    rec = Path(model_source) / "pruning.json"
+    if rec.is_file():
+        src = json.loads(rec.read_text()).get("source_model")
+        if src and (Path(src).exists() or "/" in src):
+            return src
+    raise UsageError("distill needs the original model as teacher: pass --teacher MODEL")
+
+
+def _training_args(cfg: RetrainConfig, work: Path, has_val: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    bf16 = cfg.bf16
+    if bf16 is None:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.weights]
+    wd = cfg.weight_decay if cfg.weight_decay is not None else (0.1 if cfg.weights == "full" else 0.0)
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    warmup = {"warmup_ratio": cfg.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": cfg.warmup_ratio}
+    kw = dict(
+        output_dir=str(work),
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=lr,
+        weight_decay=wd,
+        lr_scheduler_type=cfg.scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        optim="adamw_torch",
+        bf16=bool(bf16),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.eval_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        **warmup,
+    )
+    kw.update(cfg.extra_args)
+    return TrainingArguments(**kw), lr, wd, bool(bf16)
+
+
+def _losses(history: list[dict]) -> dict:
+    train = [{"step": h["step"], "loss": h["loss"], **{k: h[k] for k in ("kl", "ce") if k in h}} for h in history
+             if "loss" in h]  # fmt: skip
+    val = [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h]
+    return {"train": train, "val": val}
+
+
+def retrain(
+    model: str,
+    out: str | Path,
+    method: str | None = None,
+    data: str | None = None,
+    teacher: str | None = None,
+    config: RetrainConfig | None = None,
+    force: bool = False,
+    callbacks: list | tuple = (),
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Retrain `model` (a pruned checkpoint directory or hub id) and write a standard checkpoint to `out`.
+
+    Options are RetrainConfig fields, given as a config, as keywords, or both (keywords win). Returns the
+    record also written to out/retraining.json.
+    """
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from ..io import atomic_dir, check_output_dir, write_json
+    from .checkpoint import save_checkpoint
+    from .loading import load_model
+    from .retrain_data import Collator, ExampleDataset, build_examples, split_heldout
+
+    cfg = dataclasses.replace(config or RetrainConfig(), **options)
+    for k, v in (("method", method), ("data", data), ("teacher", teacher)):
+        if v is not None:
+            setattr(cfg, k, v)
+    cfg.validate()
+    out = check_output_dir(out, force, inputs=(model,))
+    work = checkpoints_dir(out)
+    have_ckpt = work.is_dir() and any(work.glob("checkpoint-*"))
+    if have_ckpt and not cfg.resume:
+        if not force:
+            raise UsageError(f"{work} holds checkpoints of an interrupted run; pass --resume to continue or --force")
+        shutil.rmtree(work)
+    if cfg.resume and not have_ckpt:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", work)
+    teacher_src = _find_teacher(model, cfg) if cfg.method == "distill" else None
+    if cfg.resume and have_ckpt:
+        saved = work / "retrain_config.json"
+        if saved.is_file():
+            before = json.loads(saved.read_text())
+            now = json.loads(json.dumps(cfg.to_dict(), default=str))
+            diff = [k for k in now if k not in ("resume", "keep_checkpoints") and before.get(k) != now[k]]
+            if diff:
+                raise UsageError(f"--resume with different options than the interrupted run ({', '.join(diff)})")
+
+    loaded = load_model(model, cfg.load)
+    tok, net = loaded.tokenizer, loaded.model
+    if cfg.add_bos and tok.bos_token_id is None:
+        raise UsageError("--add-bos was given but the tokenizer has no BOS token")
+    examples, data_desc = build_examples(
+        cfg.data, tok, cfg.seq_len, cfg.data_format, cfg.text_field, cfg.split, cfg.add_bos, cfg.train_on_prompt
+    )
+    if cfg.val_data:
+        train_ex = examples
+        val_ex, val_desc = build_examples(
+            cfg.val_data, tok, cfg.seq_len, data_desc["format"], cfg.text_field, "validation", cfg.add_bos,
+            cfg.train_on_prompt,
+        )  # fmt: skip
+    else:
+        train_ex, val_ex = split_heldout(examples, cfg.val_fraction, cfg.seed)
+        val_desc = {"held_out_of": cfg.data, "fraction": cfg.val_fraction}
+    if cfg.max_examples is not None:
+        train_ex = train_ex[: cfg.max_examples]
+    if cfg.max_val_examples is not None:
+        val_ex = val_ex[: cfg.max_val_examples]
+    data_desc.update(train_examples=len(train_ex), val_examples=len(val_ex), validation=val_desc)
+
+    net.train()
+    if cfg.gradient_checkpointing:
+        net.config.use_cache = False
+    if cfg.weights == "lora":
+        try:
+            import peft
+        except ImportError as e:
+            raise UsageError(
+                "LoRA retraining needs peft: pip install 'shortened[retrain]' (or pip install peft)"
+            ) from e
+        lora = peft.LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_targets,
+            task_type="CAUSAL_LM",
+        )
+        net = peft.get_peft_model(net, lora)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in net.parameters())
+    log.info("training %d of %d parameters (%s)", trainable, total, cfg.method)
+
+    work.mkdir(parents=True, exist_ok=True)
+    args, lr, wd, bf16 = _training_args(cfg, work, has_val=bool(val_ex))
+    args.disable_tqdm = not progress
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    common = dict(
+        model=net,
+        args=args,
+        train_dataset=ExampleDataset(train_ex),
+        eval_dataset=ExampleDataset(val_ex),
+        data_collator=Collator(pad),
+        processing_class=tok,
+        callbacks=[_final_step_callback(), *callbacks],
+    )
+    if cfg.method == "distill":
+        teacher_model = load_model(teacher_src, cfg.load, tokenizer=False).model
+        if teacher_model.config.vocab_size != net.config.vocab_size:
+            raise UsageError(f"the teacher {teacher_src} has another vocabulary than the student; use the original")
+        trainer = _distill_trainer_class()(
+            **common, teacher=teacher_model, temperature=cfg.temperature, kd_weight=cfg.kd_weight,
+            ce_weight=cfg.ce_weight,
+        )  # fmt: skip
+    else:
+        trainer = Trainer(**common)
+    if trainer.is_world_process_zero():
+        write_json(work / "retrain_config.json", json.loads(json.dumps(cfg.to_dict(), default=str)))
+
+    resumed_from = None
+    initial_val = None
+    if cfg.resume and have_ckpt:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(work))
+        resumed_from = int(Path(last).name.split("-")[-1]) if last else None
+        log.info("resuming from %s", last)
+        prev = work / "initial_val_loss.json"
+        initial_val = json.loads(prev.read_text())["loss"] if prev.is_file() else None
+    elif val_ex:
+        initial_val = float(trainer.evaluate()["eval_loss"])
+        if trainer.is_world_process_zero():
+            write_json(work / "initial_val_loss.json", {"loss": initial_val})
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=bool(cfg.resume and have_ckpt))
+    seconds = time.time() - t0
+    state = trainer.state
+    best_ckpt = state.best_model_checkpoint
+    best_step = int(Path(best_ckpt).name.split("-")[-1]) if best_ckpt else state.global_step
+
+    # gather the weights (FSDP / DeepSpeed shard them) and write the standard checkpoint on the main process
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.is_world_process_zero():
+            final = AutoModelForCausalLM.from_config(loaded.model.config)
+            if cfg.weights == "lora":
+                final = peft.get_peft_model(final, lora)
+            final.load_state_dict(state_dict)
+    if not trainer.is_world_process_zero():
+        return {}
+    if cfg.weights == "lora":
+        final = final.merge_and_unload()
+    final = final.to("cpu").eval()
+    final.config.use_cache = True
+    record = {
+        "method": cfg.method,
+        "weights": cfg.weights,
+        "source_model": str(model),
+        "teacher": teacher_src,
+        "data": data_desc,
+        "steps": state.global_step,
+        "epochs": round(float(state.epoch or 0), 4),
+        "best_step": best_step,
+        "resumed_from_step": resumed_from,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "hyperparameters": {
+            "lr": lr,
+            "weight_decay": wd,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "world_size": args.world_size,
+            "seq_len": cfg.seq_len,
+            "scheduler": cfg.scheduler,
+            "warmup_ratio": cfg.warmup_ratio,
+            "bf16": bf16,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            **(
+                {
+                    "lora_rank": cfg.lora_rank,
+                    "lora_alpha": cfg.lora_alpha,
+                    "lora_dropout": cfg.lora_dropout,
+                    "lora_targets": cfg.lora_targets,
+                }
+                if cfg.weights == "lora"
+                else {}
+            ),
+            **(
+                {"temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "ce_weight": cfg.ce_weight}
+                if cfg.method == "distill"
+                else {}
+            ),
+        },  # fmt: skip
+        "losses": {"initial_val": initial_val, **_losses(state.log_history)},
+        "best_val_loss": state.best_metric,
+        "train_loss": result.training_loss,
+        "seconds": round(seconds, 2),
+        "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+    }
+    with atomic_dir(out, force, inputs=(model,)) as tmp:
+        save_checkpoint(final, tok, tmp)
+        for extra in ("pruning.json", "scores.json", "scores.png"):  # keep how the pruned model was made
+            if (Path(model) / extra).is_file():
+                shutil.copy2(Path(model) / extra, tmp / extra)
+        write_json(tmp / "retraining.json", record)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    if math.isnan(record["train_loss"] or 0.0):
+        log.warning("the training loss is NaN; check the learning rate and the data")
+    return record
