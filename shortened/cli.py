@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "shortened.converter.cli",
     "shortened.validators.bench_cli",
     "shortened.validators.cli",
+    "shortened.exporters.tensorrt_cli",
     "shortened.converter.retrain_cli",
 ]
 

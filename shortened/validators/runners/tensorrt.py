@@ -1,0 +1,140 @@
+"""TensorRT runner: one deserialized engine, one execution context, shapes set per call, the KV cache on the GPU.
+
+Device buffers are torch CUDA tensors (no pycuda): inputs are copied to the device, outputs are allocated at the
+shapes the context reports once every input shape is set, and `present.*` outputs become the next step's
+`past_key_values.*` inputs without leaving the device. Needs TensorRT 10+ and a CUDA build of torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import UsageError
+from .base import Runner
+
+
+def _torch_dtype(trt, dtype):
+    import torch
+
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+        trt.DataType.BOOL: torch.bool,
+        trt.DataType.INT8: torch.int8,
+        trt.DataType.UINT8: torch.uint8,
+    }
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    if dtype not in table:
+        raise UsageError(f"engine I/O type {dtype} has no torch equivalent; rebuild from a float32/float16 ONNX")
+    return table[dtype]
+
+
+def engine_path(path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.engine"
+    if not p.is_file():
+        raise UsageError(f"no TensorRT engine at {path}; build one with `shortened export tensorrt`")
+    return p
+
+
+class TrtRunner(Runner):
+    name = "tensorrt"
+
+    def __init__(self, engine, device: str = "cuda", verbose: bool = False):
+        from ...exporters.tensorrt import require_tensorrt
+
+        trt = require_tensorrt(runtime=True)
+        import torch
+
+        self.trt, self.torch = trt, torch
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise UsageError(f"the TensorRT runner runs on a CUDA device, got --device {device}")
+        torch.cuda.set_device(self.device)
+        self.logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path(engine).read_bytes())
+        if self.engine is None:
+            raise UsageError(
+                f"TensorRT {trt.__version__} could not load {engine}: engines only load on the TensorRT version and "
+                "GPU kind that built them; rebuild it here with `shortened export tensorrt`"
+            )
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(self.device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.inputs = [n for n in names if is_input[n]]
+        self.outputs = [n for n in names if not is_input[n]]
+        self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.num_layers = sum(1 for n in self.inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        if "logits" not in self.outputs or "input_ids" not in self.inputs:
+            raise UsageError(f"{engine} does not have the input_ids -> logits I/O of an exported causal LM")
+        kv = tuple(self.engine.get_tensor_shape("past_key_values.0.key")) if self.num_layers else ()
+        self.kv_heads, self.head_dim = (kv[1], kv[3]) if len(kv) == 4 else (0, 0)
+        self._dummy = torch.empty(1, dtype=torch.uint8, device=self.device)  # address for zero-size tensors
+
+    def providers(self) -> list[str]:
+        return [f"TensorRT {self.trt.__version__}", self.torch.cuda.get_device_name(self.device)]
+
+    def profile_range(self, name: str):
+        """(min, opt, max) shapes of an input in the engine's single optimization profile."""
+        return tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
+
+    def _check_shape(self, name: str, shape) -> None:
+        lo, _, hi = self.profile_range(name)
+        if any(not a <= v <= b for v, a, b in zip(shape, lo, hi)):
+            raise UsageError(
+                f"{name} shape {list(shape)} is outside the engine's profile {list(lo)}..{list(hi)}; rebuild the "
+                "engine with wider --batch/--seq ranges"
+            )
+
+    def _address(self, t) -> int:
+        return t.data_ptr() if t.numel() else self._dummy.data_ptr()
+
+    def step(self, input_ids, attention_mask, position_ids, cache=None):
+        torch = self.torch
+        batch = input_ids.shape[0]
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        with torch.cuda.stream(self.stream):
+            tensors = {}
+            for name in self.inputs:
+                if name in feeds:
+                    arr = np.ascontiguousarray(feeds[name])
+                    tensors[name] = torch.from_numpy(arr).to(self.device, self.dtypes[name], non_blocking=False)
+                elif name.startswith("past_key_values."):
+                    _, layer, kind = name.split(".")
+                    if cache is None:  # first step: an empty cache
+                        shape = (batch, self.kv_heads, 0, self.head_dim)
+                        tensors[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+                    else:
+                        tensors[name] = cache[int(layer)][0 if kind == "key" else 1]
+                else:
+                    raise UsageError(f"the engine has an input {name} this runner does not know how to feed")
+            for name, t in tensors.items():
+                self._check_shape(name, t.shape)
+                self.context.set_input_shape(name, tuple(t.shape))
+                self.context.set_tensor_address(name, self._address(t))
+            outs = {}
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise UsageError(f"output {name} has no known shape after setting the inputs: {shape}")
+                outs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+                self.context.set_tensor_address(name, self._address(outs[name]))
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed; rerun with verbose=True for the log")
+        self.stream.synchronize()
+        logits = outs["logits"].float().cpu().numpy()
+        new_cache = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(self.num_layers)]
+        return logits, new_cache
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None
+        self.runtime = None
