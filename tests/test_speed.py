@@ -166,7 +166,7 @@ def test_bench_torch_end_to_end(tiny_models, tmp_path):
     src = tiny_models["llama"]
     prune(str(src), tmp_path / "cand", blocks=[1, 2, 3], no_protect=True, progress=False)
     rep = bench(str(src), str(tmp_path / "cand"), backend="torch", batch_sizes=(2, 1, 10**8), prompt_len=8,
-                new_tokens=3, repeats=2, warmup=1, width_baseline=True, report=tmp_path / "r.json",
+                new_tokens=3, repeats=2, warmup=1, threads=1, width_baseline=True, report=tmp_path / "r.json",
                 plot=tmp_path / "p.png", progress=False)  # fmt: skip
     assert [s["batch"] for s in rep.skipped] == [10**8] and "GiB" in rep.skipped[0]["reason"]
     assert {(r["batch"], r["model"]) for r in rep.rows} == {(b, m) for b in (1, 2) for m in rep.models}

@@ -170,11 +170,11 @@ class _RunnerMeasure:
     def __init__(self, spec: ModelSpec):
         self.runner = _make_runner(spec)
 
-    def run(self, input_ids: np.ndarray, new_tokens: int) -> tuple[float, list[float]]:
+    def run(self, input_ids: np.ndarray, new_tokens: int) -> tuple[float, list[float], list[int]]:
         from .runners.base import greedy_generate
 
         gen = greedy_generate(self.runner, input_ids, np.ones_like(input_ids), new_tokens)
-        return gen.prefill_s, list(gen.decode_s)
+        return gen.prefill_s, list(gen.decode_s), gen.tokens[0].tolist()
 
     def providers(self):
         return self.runner.providers()
@@ -193,7 +193,7 @@ class _HFGenerateMeasure:
         self.model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32, use_safetensors=True)
         self.model.to(spec.device).eval()
 
-    def run(self, input_ids: np.ndarray, new_tokens: int) -> tuple[float, list[float]]:
+    def run(self, input_ids: np.ndarray, new_tokens: int) -> tuple[float, list[float], list[int]]:
         torch = self.torch
         stamps = []
 
@@ -206,9 +206,16 @@ class _HFGenerateMeasure:
         ids = torch.from_numpy(input_ids).to(self.device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, logits_processor=[stamp], pad_token_id=0)  # fmt: skip
-        return stamps[0] - t0, list(np.diff(stamps))
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                logits_processor=[stamp],
+                pad_token_id=0,
+            )
+        return stamps[0] - t0, list(np.diff(stamps)), out[0, input_ids.shape[1] :].tolist()
 
     def providers(self):
         return [f"torch eager ({self.device})"]
@@ -226,19 +233,20 @@ class _GenaiMeasure:
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.og, self.model = og, og.Model(cfg)
 
-    def run(self, input_ids: np.ndarray, new_tokens: int) -> tuple[float, list[float]]:
+    def run(self, input_ids: np.ndarray, new_tokens: int) -> tuple[float, list[float], list[int]]:
         og = self.og
         b, p = input_ids.shape
         params = og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=p + new_tokens, min_length=p + new_tokens, batch_size=b)
         gen = og.Generator(self.model, params)
         t0 = time.perf_counter()
-        gen.append_tokens(input_ids.astype(np.int32))
+        gen.append_tokens(input_ids.astype(np.int32))  # runs the prompt
+        gen.generate_next_token()  # picks the first token from the prompt's logits (no model run)
         stamps = [time.perf_counter()]
         for _ in range(new_tokens - 1):
-            gen.generate_next_token()
+            gen.generate_next_token()  # runs the model on the last token, then picks the next
             stamps.append(time.perf_counter())
-        return stamps[0] - t0, list(np.diff(stamps))
+        return stamps[0] - t0, list(np.diff(stamps)), list(gen.get_sequence(0))[p : p + new_tokens]
 
     def providers(self):
         return ["onnxruntime-genai (cpu)"]
@@ -283,19 +291,27 @@ def _worker(conn, spec: ModelSpec) -> None:
     run_rss = 0
     while (cmd := conn.recv()) is not None:
         try:
-            prefill, decode = m.run(cmd["input_ids"], cmd["new_tokens"])
+            prefill, decode, tokens = m.run(cmd["input_ids"], cmd["new_tokens"])
             run_rss = max(run_rss, _rss())
-            conn.send({"ok": True, "prefill_s": prefill, "decode_s": decode})
+            conn.send({"ok": True, "prefill_s": prefill, "decode_s": decode, "tokens": tokens})
         except BaseException as e:  # out of memory and friends: this batch size is skipped
             conn.send({"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
     conn.send({"peak_rss": _peak_rss(), "run_rss": run_rss, "baseline_rss": base, "gpu_peak": _gpu_peak(spec)})
 
 
+def _context():
+    """Workers fork from a fork server that has imported torch and transformers once (and started no threads):
+    fresh processes, without paying the imports again for every model."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "transformers.modeling_utils", "shortened.validators.speed"])
+    return ctx
+
+
 class _Worker:
     def __init__(self, spec: ModelSpec):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")  # a clean interpreter: no threads or arenas inherited from the parent
+        ctx = _context()
         self.spec = spec
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, spec), daemon=True)
@@ -377,7 +393,7 @@ def measure(
     configs = {s.name: _config(s.config_path or s.path) for s in specs}
     vocab = min(_shape(c)["vocab"] for c in configs.values())
     workers = {s.name: _Worker(s) for s in specs}
-    models, runs, skipped, load = {}, {}, [], {}
+    models, runs, skipped, load, tokens = {}, {}, [], {}, {}
     try:
         for name, w in workers.items():
             r = w.recv()
@@ -410,6 +426,7 @@ def measure(
                         break
                     if rep >= warmup:
                         runs[b][name].append({"prefill_s": r["prefill_s"], "decode_s": r["decode_s"]})
+                    tokens.setdefault(b, {})[name] = r["tokens"]  # greedy tokens of the first row
                 if failed:
                     break
             if failed:
@@ -428,7 +445,7 @@ def measure(
                     "baseline_rss_mb": _mb(mem.get("baseline_rss")),
                     "gpu_peak_mb": _mb(mem.get("gpu_peak")),
                 })  # fmt: skip
-    return {"models": models, "runs": runs, "skipped": skipped, "load_average": load}
+    return {"models": models, "runs": runs, "skipped": skipped, "load_average": load, "tokens": tokens}
 
 
 def _mb(x):
@@ -607,7 +624,7 @@ def _prepare(name: str, path: str, backend: str, work: Path, optimize: bool, pre
 
         onnx_dir = work / f"{name}-onnx"
         log.info("exporting %s to ONNX (%s)", name, onnx_dir)
-        export_onnx(path, onnx_dir, precision=precision, cache=True, optimize=optimize)
+        export_onnx(path, onnx_dir, precision=precision, cache=True, optimize=optimize, progress=False)
     if backend == "onnxruntime":
         return str(onnx_dir)
     from ..exporters.tensorrt import export_tensorrt
