@@ -7,7 +7,11 @@ TORCH ?= torch==2.13.0
 MODEL_DIR ?= $(HOME)/.cache/shortened/smollm2-135m-instruct
 OUT ?= out/smollm2-shortened
 
-.PHONY: setup test test-fast lint demo bench fetch clean
+.PHONY: setup setup-optimum test test-optimum test-fast lint demo bench fetch clean
+
+# The second environment: Optimum's exporter (optimum-onnx) needs transformers<4.58; tests/optimum run there.
+VENV_OPT ?= .venv-optimum
+PY_OPT := $(VENV_OPT)/bin/python
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +22,29 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
+$(VENV_OPT)/.installed: pyproject.toml constraints-optimum.txt
+	$(PYTHON) -m venv $(VENV_OPT)
+	$(PY_OPT) -m pip install -q --upgrade pip
+	$(PY_OPT) -m pip install -q $(TORCH)
+	$(PY_OPT) -m pip install -q -c constraints-optimum.txt "transformers<4.58" optimum-onnx onnxruntime onnxscript onnx-ir \
+		safetensors tqdm numpy pytest
+	$(PY_OPT) -m pip install -q --no-deps -e .
+	touch $@
+
+setup-optimum: $(VENV_OPT)/.installed
+
+test-optimum: setup setup-optimum
+	$(PY_OPT) -m pytest -q --durations=5 tests/optimum
+
 lint: setup
 	$(VENV)/bin/ruff check shortened tests benchmarks
 
 fetch: setup
 	$(VENV)/bin/shortened fetch smollm2
 
-test: setup lint
-	$(PY) -m pytest -q --durations=15
+test: setup lint setup-optimum
+	$(PY) -m pytest -q --durations=15 --ignore=tests/optimum
+	$(PY_OPT) -m pytest -q --durations=5 tests/optimum
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
@@ -37,4 +56,4 @@ bench: setup fetch
 	$(PY) benchmarks/bench_ppl_scoring.py --model $(MODEL_DIR)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache out
+	rm -rf $(VENV) $(VENV_OPT) .pytest_cache .ruff_cache out

@@ -17,6 +17,7 @@ from .errors import GateFailed, UsageError
 # "validate" sub-command groups.
 COMMAND_MODULES = [
     "shortened.converter.cli",
+    "shortened.exporters.cli",
     "shortened.validators.bench_cli",
     "shortened.validators.cli",
     "shortened.exporters.tensorrt_cli",

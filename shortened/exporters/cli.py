@@ -1,0 +1,43 @@
+"""CLI command `shortened export onnx`: a thin layer over shortened.exporters.onnx.export_onnx."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub, groups) -> None:
+    p = groups["export"].add_parser("onnx", help="export to ONNX with a KV cache (Optimum's layout)")
+    p.add_argument("model", help="model directory or hub id (e.g. a checkpoint written by `shortened prune`)")
+    p.add_argument("--out", required=True, help="output directory (appears only when complete)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights, compute and cache")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's own, 18 or newer)")
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="a plain logits model without KV cache")
+    p.add_argument("--optimize", action="store_true", help="onnxruntime fusions, kept only if padded batches match")
+    p.add_argument("--exporter", default="torch", choices=["torch", "optimum"], help="torch.onnx (dynamo) or Optimum")
+    p.add_argument("--external-data-threshold", type=int, default=1024, metavar="BYTES",
+                   help="tensors of BYTES or more go to model.onnx.data (-1: one file unless over 2 GB)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights; off: safetensors only")
+    p.set_defaults(func=cmd_export_onnx, dtype="float32", device="cpu")  # --precision sets the dtype; export is CPU
+
+
+def cmd_export_onnx(args) -> int:
+    from ..cli import load_options
+    from .onnx import export_onnx
+
+    threshold = None if args.external_data_threshold == -1 else args.external_data_threshold
+    summary = export_onnx(
+        args.model,
+        args.out,
+        precision=args.precision,
+        opset=args.opset,
+        cache=args.cache,
+        optimize=args.optimize,
+        exporter=args.exporter,
+        external_data_threshold=threshold,
+        force=args.force,
+        load=load_options(args),
+    )
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,514 @@
+"""Export a causal LM to ONNX with its KV cache, in Optimum's layout, ready for onnxruntime and onnxruntime-genai.
+
+The default exporter traces a small wrapper with `torch.onnx.export(dynamo=True)`. The wrapper takes the cache as
+flat tensors, so one graph serves the prefill (empty past, length 0) and every decode step:
+
+    inputs   input_ids [batch_size, sequence_length]
+             attention_mask [batch_size, past_sequence_length + sequence_length]
+             position_ids [batch_size, sequence_length]
+             past_key_values.{i}.key / .value [batch_size, num_key_value_heads, past_sequence_length, head_dim]
+    outputs  logits [batch_size, sequence_length, vocab_size] (always float32)
+             present.{i}.key / .value [batch_size, num_key_value_heads, past_sequence_length + sequence_length,
+                                       head_dim]
+
+The KV cache has the graph's precision (fp16 graphs take and return fp16 caches, as Optimum's and genai's do).
+`cache=False` exports a plain logits model (input_ids, attention_mask, position_ids -> logits).
+
+The output directory holds model.onnx (+ model.onnx.data, the weights), config.json, generation_config.json, the
+tokenizer, genai_config.json (onnxruntime-genai) and export.json (how it was made). `optimize=True` runs
+onnxscript's onnxruntime fusions and keeps them only if a left-padded batch still gives the unfused graph's logits
+(the fused GroupQueryAttention of onnxscript 0.7 can ignore the attention mask); otherwise it retries without the
+attention fusions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+RECORD_FILE = "export.json"
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+EXPORTERS = ("torch", "optimum")
+MIN_OPSET = 18  # the dynamo exporter's floor
+PROTOBUF_LIMIT = 2**31 - 1  # a single ONNX protobuf cannot exceed 2 GB: larger models must use external data
+# Optimum's dim names
+BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL = f"{PAST} + {SEQ}"
+ATTENTION_FUSIONS = ("fuse_sdpa", "fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2", "fuse_mha_scale",
+                     "fuse_mha_bias", "fuse_attention", "replace_sdpa_by_mha")  # fmt: skip
+
+
+def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return past, present
+
+
+def cache_geometry(config) -> tuple[int, int, int, int]:
+    """(num_layers, num_attention_heads, num_key_value_heads, head_dim) of a supported family's config."""
+    from ..converter.families import num_blocks
+
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return num_blocks(config), heads, kv, head_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# The traced wrapper
+
+
+def _wrapper(model, cache: bool):
+    import torch
+    from transformers import DynamicCache
+
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.2x renamed it
+    n_layers = cache_geometry(model.config)[0]
+
+    class CausalLMWithFlatCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            kw = {}
+            if cache:  # plain full-attention layers (no config): every layer keeps past + new, as Optimum's graphs
+                pairs = [(past[2 * i], past[2 * i + 1]) for i in range(n_layers)]
+                kw = {cache_kw: DynamicCache(ddp_cache_data=pairs), "use_cache": True}
+            else:
+                kw = {"use_cache": False}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+            if not cache:
+                return out.logits.float()
+            c = out.get("cache", None) or out.past_key_values
+            return (out.logits.float(), *[t for layer in c.layers for t in (layer.keys, layer.values)])
+
+    return CausalLMWithFlatCache().eval()
+
+
+def _example_inputs(config, dtype, cache: bool):
+    """Small example inputs (batch 2, 3 new tokens, 4 past) and shared named dynamic dims."""
+    import torch
+    from torch.export import Dim
+
+    n_layers, _, kv, head_dim = cache_geometry(config)
+    b, s, p = 2, 3, 4 if cache else 0
+    ids = torch.randint(3, min(200, config.vocab_size), (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    pos = torch.arange(p, p + s)[None].repeat(b, 1)
+    batch, seq = Dim(BATCH), Dim(SEQ)
+    dims = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
+    past = []
+    if cache:
+        past = [torch.zeros(b, kv, p, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
+        # the mask length is past + seq; torch.export cannot say so, so it gets its own dim (renamed after export).
+        # transformers' mask code guards mask length >= past + seq, whose smallest traced value is 2 + 2.
+        dims["attention_mask"] = {0: batch, 1: Dim("attention_length", min=4)}
+        dims["past"] = tuple({0: batch, 2: Dim(PAST)} for _ in past)
+    return (ids, mask, pos, *past), dims
+
+
+def _trace(model, cache: bool, opset: int | None):
+    import torch
+
+    n_layers = cache_geometry(model.config)[0]
+    args, dims = _example_inputs(model.config, model.dtype, cache)
+    past_names, present_names = kv_names(n_layers) if cache else ([], [])
+    kwargs = dict(opset_version=opset) if opset else {}
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        program = torch.onnx.export(
+            _wrapper(model, cache), args, dynamic_shapes=dims, dynamo=True, verbose=False,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+            output_names=["logits", *present_names], **kwargs,
+        )  # fmt: skip
+    m = program.model
+    if cache:  # Optimum's name for the mask length
+        mask = m.graph.inputs[1]
+        mask.shape = type(mask.shape)([mask.shape[0], TOTAL])
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimization (onnxscript's onnxruntime fusions), kept only if a left-padded batch still matches
+
+
+@contextlib.contextmanager
+def _without_attention_fusions():
+    from onnxscript.rewriter.ort_fusions import _core
+
+    saved = {n: getattr(_core, n) for n in ATTENTION_FUSIONS if hasattr(_core, n)}
+    for n in saved:
+        setattr(_core, n, lambda *a, **k: 0)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(_core, n, f)
+
+
+def _fuse(model, attention: bool):
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    with contextlib.nullcontext() if attention else _without_attention_fusions():
+        model, counts = optimize_for_ort(model)
+    return model, {k: int(v) for k, v in counts.items() if v}
+
+
+def padded_batch_check(reference: Path, candidate: Path, config, steps: int = 2, seed: int = 0) -> float:
+    """Largest logit difference (relative to the reference's largest logit) between two graphs of the same model on a
+    left-padded batch of 2: a prefill of 6 tokens (the second row padded by 3), then `steps` decode steps."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sessions = [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in (reference, candidate)]
+    inputs = {i.name: i for i in sessions[0].get_inputs()}
+    past0 = inputs.get("past_key_values.0.key")
+    kv_dtype = np.float16 if past0 is not None and past0.type == "tensor(float16)" else np.float32
+    n_layers, _, kv, head_dim = cache_geometry(config)
+    ids = rng.integers(3, min(200, config.vocab_size), (2, 6))
+    mask = np.ones((2, 6), np.int64)
+    mask[1, :3] = 0
+    pasts = [None, None]
+    worst, scale = 0.0, 1e-6
+    for _ in range(steps + 1):
+        pos = np.where(mask == 0, 1, np.cumsum(mask, 1) - 1)[:, -ids.shape[1] :]
+        outs = []
+        for k, sess in enumerate(sessions):
+            feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "position_ids": pos.astype(np.int64)}
+            feed = {n: v for n, v in feed.items() if n in inputs}
+            if "past_key_values.0.key" in inputs:
+                empty = np.zeros((2, kv, 0, head_dim), kv_dtype)
+                for i, name in enumerate(kv_names(n_layers)[0]):
+                    feed[name] = empty if pasts[k] is None else pasts[k][i]
+            res = sess.run(None, feed)
+            pasts[k] = res[1:]
+            outs.append(res[0].astype(np.float32))
+        real = mask[:, -ids.shape[1] :].astype(bool)
+        worst = max(worst, float(np.abs(outs[0] - outs[1])[real].max()))
+        scale = max(scale, float(np.abs(outs[0][real]).max()))
+        if "past_key_values.0.key" not in inputs:
+            break
+        ids = outs[0][:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    return worst / scale
+
+
+def optimize_graph(staging: Path, model, config, precision: str, threshold: int) -> tuple[object, dict]:
+    """Fuse for onnxruntime; returns (model, info). The unfused graph is staged at staging/plain to check against."""
+    import onnx_ir
+
+    plain = staging / "plain"
+    plain.mkdir()
+    _save(model, plain / ONNX_FILE, threshold)
+    nodes_before = _count_nodes(model)
+    tol = 1e-3 if precision == "fp32" else 2e-2
+    info = {"nodes_before": nodes_before}
+    for attention in (True, False):
+        fused, counts = _fuse(model if attention else onnx_ir.load(plain / ONNX_FILE), attention)
+        _save(fused, staging / ONNX_FILE, threshold)
+        diff = padded_batch_check(plain / ONNX_FILE, staging / ONNX_FILE, config)
+        info.setdefault("tried", []).append({"attention_fusions": attention, "fused": counts, "rel_diff": diff})
+        if diff <= tol:
+            info.update(
+                fused=counts, attention_fusions=attention, padded_rel_diff=diff, nodes_after=_count_nodes(fused)
+            )
+            shutil.rmtree(plain)
+            return fused, info
+        log.warning(
+            "fused graph (attention fusions %s) differs on a left-padded batch (%.2g); not kept", attention, diff
+        )
+    info.update(fused={}, attention_fusions=False, nodes_after=nodes_before, kept="unfused: fusions broke padding")
+    for p in (staging / ONNX_FILE, staging / DATA_FILE):
+        p.unlink(missing_ok=True)
+    result = onnx_ir.load(plain / ONNX_FILE)
+    _save(result, staging / ONNX_FILE, threshold)
+    shutil.rmtree(plain)
+    return result, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _count_nodes(model) -> int:
+    return sum(1 for _ in model.graph.all_nodes()) if hasattr(model.graph, "all_nodes") else len(model.graph)
+
+
+def _weight_bytes(model) -> int:
+    return sum(int(t.const_value.nbytes) for t in model.graph.initializers.values() if t.const_value is not None)
+
+
+def _save(model, path: Path, threshold: int | None) -> bool:
+    """Save with weights of `threshold` bytes or more in model.onnx.data; external data is forced above 2 GB."""
+    import onnx_ir
+
+    for p in (path, path.with_name(DATA_FILE)):
+        p.unlink(missing_ok=True)
+    external = threshold is not None or _weight_bytes(model) > PROTOBUF_LIMIT
+    if external:
+        onnx_ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=threshold or 0)
+    else:
+        onnx_ir.save(model, path)
+    return path.with_name(DATA_FILE).is_file()
+
+
+def genai_config(config, generation_config=None, filename: str = ONNX_FILE, cache: bool = True) -> dict:
+    """onnxruntime-genai's genai_config.json for a graph in this module's layout."""
+    n_layers, heads, kv, head_dim = cache_geometry(config)
+    past, present = ("past_key_values.%d.key", "past_key_values.%d.value"), ("present.%d.key", "present.%d.value")
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids"}
+    outputs = {"logits": "logits"}
+    if cache:
+        inputs.update(past_key_names=past[0], past_value_names=past[1])
+        outputs.update(present_key_names=present[0], present_value_names=present[1])
+    gen = generation_config
+
+    def tok(name):
+        v = getattr(gen, name, None) if gen is not None else None
+        return v if v is not None else getattr(config, name, None)
+
+    eos = tok("eos_token_id")
+    pad = tok("pad_token_id")
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+    return {
+        "model": {
+            "bos_token_id": tok("bos_token_id"),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": head_dim,
+                "hidden_size": getattr(config, "hidden_size", None) or config.n_embd,
+                "inputs": inputs,
+                "outputs": outputs,
+                "num_attention_heads": heads,
+                "num_hidden_layers": n_layers,
+                "num_key_value_heads": kv,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": config.model_type,
+            "vocab_size": config.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }  # fmt: skip
+
+
+def _write_side_files(staging: Path, model, tokenizer, cache: bool) -> None:
+    from ..converter.checkpoint import make_config_portable
+    from ..io import write_json
+
+    model.config.save_pretrained(staging)
+    make_config_portable(staging)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    write_json(staging / "genai_config.json", genai_config(model.config, gen, ONNX_FILE, cache))
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "optimum-onnx"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _check_args(precision, opset, exporter, optimize, external_data_threshold) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter {exporter!r}; choose torch or optimum")
+    if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
+        raise UsageError(f"--opset must be an integer >= {MIN_OPSET} for the dynamo exporter, got {opset!r}")
+    if optimize and precision == "bf16":
+        raise UsageError("--optimize cannot be verified for bf16 (onnxruntime's CPU provider has no bf16 kernels); "
+                         "drop --optimize or export fp16")  # fmt: skip
+    if external_data_threshold is not None and external_data_threshold < 0:
+        raise UsageError(f"external data threshold must be >= 0 bytes, got {external_data_threshold}")
+
+
+def export_onnx(
+    model,
+    out,
+    precision: str = "fp32",
+    opset: int | None = None,
+    cache: bool = True,
+    optimize: bool = False,
+    exporter: str = "torch",
+    external_data_threshold: int | None = 1024,
+    force: bool = False,
+    load=None,
+    progress: bool = True,
+) -> dict:
+    """Export a causal LM (checkpoint dir, hub id or a loaded `Loaded`) to `out`; returns a summary (see module doc).
+
+    precision: fp32 | fp16 | bf16 (the weights, the compute and the KV cache; logits stay float32).
+    opset: ONNX opset (default: the exporter's). cache: KV-cache graph (True) or a plain logits graph.
+    optimize: onnxruntime fusions, kept only if they keep padded-batch parity. exporter: torch | optimum.
+    external_data_threshold: tensors of this many bytes or more go to model.onnx.data (None: one file, unless the
+    weights exceed 2 GB). load: LoadOptions for loading (its dtype is replaced by `precision`).
+    """
+    from tqdm import tqdm
+
+    from ..converter.loading import Loaded, LoadOptions, load_model, torch_dtype
+    from ..io import atomic_dir, check_output_dir, write_json
+
+    _check_args(precision, opset, exporter, optimize, external_data_threshold)
+    source = model.source if isinstance(model, Loaded) else str(model)
+    check_output_dir(out, force, inputs=(source,))
+    t0 = time.perf_counter()
+    if exporter == "optimum":
+        return _export_optimum(model, out, precision, opset, cache, optimize, force, external_data_threshold, t0)
+    bar = tqdm(total=5, desc="export onnx", file=sys.stderr, disable=not progress, leave=False)
+    stage = lambda name: (bar.set_postfix_str(name), bar.update(1))  # noqa: E731
+    dtype = torch_dtype(PRECISIONS[precision])
+    if isinstance(model, Loaded):
+        loaded = model
+    else:
+        stage("load")
+        opts = LoadOptions(**{**vars(load or LoadOptions()), "dtype": PRECISIONS[precision], "device": "cpu"})
+        loaded = load_model(str(model), opts)
+    torch_model, original_dtype = loaded.model, loaded.model.dtype
+    if str(torch_model.device) != "cpu":
+        raise UsageError(f"export needs the model on the CPU, it is on {torch_model.device}; load it with device=cpu")
+    config = torch_model.config
+    n_layers = cache_geometry(config)[0]
+    torch_model.to(dtype)
+    try:
+        stage("trace")
+        try:
+            onnx_model = _trace(torch_model, cache, opset)
+        except Exception as e:
+            raise UsageError(
+                f"torch.onnx.export failed for {config.model_type} ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:300]}); try --exporter optimum"
+            ) from e
+        with atomic_dir(out, force, inputs=(source,)) as staging:
+            info = {}
+            if optimize:
+                stage("optimize")
+                onnx_model, info = optimize_graph(staging, onnx_model, config, precision, external_data_threshold)
+            else:
+                stage("save")
+                _save(onnx_model, staging / ONNX_FILE, external_data_threshold)
+            stage("side files")
+            _write_side_files(staging, torch_model, loaded.tokenizer, cache)
+            summary = _summary(staging, out, onnx_model, "torch", precision, cache, n_layers, t0, info, source)
+            write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
+    finally:
+        torch_model.to(original_dtype)
+        bar.close()
+    return summary
+
+
+def _summary(staging, out, onnx_model, exporter, precision, cache, n_layers, t0, info, source) -> dict:
+    files = [p for p in staging.rglob("*") if p.is_file()]
+    return {
+        "path": str(Path(out) / ONNX_FILE),
+        "source": source,
+        "exporter": exporter,
+        "precision": precision,
+        "opset": int(onnx_model.opset_imports.get("", 0)),
+        "cache": cache,
+        "num_layers": n_layers,
+        "nodes": _count_nodes(onnx_model),
+        "size_bytes": sum(p.stat().st_size for p in files if p.name.startswith(ONNX_FILE)),
+        "external_data": (staging / DATA_FILE).is_file(),
+        "inputs": [v.name for v in onnx_model.graph.inputs],
+        "outputs": [v.name for v in onnx_model.graph.outputs],
+        "optimize": info or None,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimum's exporter (optimum-onnx; needs transformers < 4.58)
+
+
+def _export_optimum(model, out, precision, opset, cache, optimize, force, threshold, t0) -> dict:
+    import onnx_ir
+
+    from ..converter.loading import Loaded, load_config
+    from ..io import atomic_dir, write_json
+
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as e:
+        raise UsageError(
+            "--exporter optimum needs optimum-onnx, which needs transformers<4.58: pip install optimum-onnx "
+            "'transformers<4.58' in a separate environment (`make .venv-optimum`), or use --exporter torch"
+        ) from e
+    if isinstance(model, Loaded):
+        raise UsageError("--exporter optimum exports from a checkpoint directory or hub id, not a loaded model")
+    if optimize:
+        raise UsageError("--optimize applies to the torch exporter; drop it with --exporter optimum")
+    config = load_config(str(model))
+    n_layers = cache_geometry(config)[0]
+    with atomic_dir(out, force, inputs=(str(model),)) as staging:
+        raw = staging / "optimum"
+        task = "text-generation-with-past" if cache else "text-generation"
+        dtype = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
+        with contextlib.redirect_stdout(sys.stderr):
+            main_export(str(model), raw, task=task, opset=opset, device="cpu", dtype=dtype, do_validation=False)
+        found = sorted(raw.glob("*.onnx"))
+        if not found:
+            raise UsageError(f"optimum wrote no .onnx file for {model}")
+        onnx_model = onnx_ir.load(found[0])
+        _save(onnx_model, staging / ONNX_FILE, threshold)
+        for p in raw.iterdir():
+            if p.suffix != ".onnx" and not p.name.endswith((".onnx_data", ".onnx.data")):
+                shutil.move(str(p), staging / p.name)
+        shutil.rmtree(raw)
+        from transformers import AutoConfig, GenerationConfig
+
+        cfg = AutoConfig.from_pretrained(staging)
+        gen = None
+        with contextlib.suppress(OSError):
+            gen = GenerationConfig.from_pretrained(staging)
+        write_json(staging / "genai_config.json", genai_config(cfg, gen, ONNX_FILE, cache))
+        summary = _summary(staging, out, onnx_model, "optimum", precision, cache, n_layers, t0, {}, str(model))
+        write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
+    return summary
+
+
+def read_record(onnx_dir) -> dict:
+    """The export.json of an export directory ({} when absent)."""
+    p = Path(onnx_dir) / RECORD_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+__all__ = ["ONNX_FILE", "DATA_FILE", "export_onnx", "genai_config", "kv_names", "padded_batch_check", "read_record"]
