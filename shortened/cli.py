@@ -17,6 +17,7 @@ from .errors import GateFailed, UsageError
 # "validate" sub-command groups.
 COMMAND_MODULES = [
     "shortened.converter.cli",
+    "shortened.pipeline_cli",
     "shortened.exporters.cli",
     "shortened.validators.bench_cli",
     "shortened.validators.cli",
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)  # e.g. the ONNX exporter's torchvision notices
         try:
             from transformers.utils import logging as hf_logging
 

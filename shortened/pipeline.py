@@ -1,0 +1,689 @@
+"""The whole build step: config in; pruned checkpoint, ONNX (and TensorRT) artifacts, manifest and report out.
+
+    score -> prune -> retrain (optional) -> export ONNX (-> TensorRT where available) -> parity -> quality -> speed
+
+Work happens in `<out>.partial/` next to the output; `<out>` appears (by rename) only when every step has run.
+Each step records a key: the hash of its settings and of the keys of the steps it depends on. A re-run (with
+--force once `<out>` exists, or after an interruption) reuses every step whose key is unchanged and says so;
+changing an input changes the keys of the steps that depend on it, and those run again.
+Exit codes: 0 every gate passed, 1 a gate failed (artifacts and manifest still written), 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import GateFailed, UsageError
+from .io import check_output_dir, fingerprint_path, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+STEPS = ("score", "prune", "retrain", "onnx", "tensorrt", "parity", "quality", "speed")
+
+
+@dataclass
+class ConvertConfig:
+    """Every setting of `shortened convert`. In convert.toml, sections only group keys: [pruning] ratio = 0.2
+    sets `ratio`. On the command line each is a flag: --ratio 0.2, --no-width-baseline, --batch-sizes 1,8."""
+
+    model: str = ""  # checkpoint directory, hub id or .gguf file
+    out: str = ""
+    force: bool = False
+    # loading
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    # calibration (the paper: 10 samples of 128 tokens)
+    calib: str = ""  # .txt, .jsonl or hf:DATASET
+    num_samples: int = 10
+    seq_len: int = 128
+    seed: int = 0
+    add_bos: bool = False
+    # scoring and pruning (the paper: PPL criterion with the "+" protection, 20% of the blocks)
+    criterion: str = "ppl"
+    iterative: bool = False
+    protect: list = None  # default: first 4 and last 2 blocks
+    no_protect: bool = False
+    ratio: float = 0.2
+    remove: int = 0  # > 0 overrides ratio
+    blocks: list = None  # explicit blocks, overrides both
+    # retraining (off unless a method is given; other RetrainConfig options in [retrain_options])
+    retrain: str = ""  # lora | full | distill
+    retrain_data: str = ""
+    retrain_steps: int = 100
+    retrain_options: dict = field(default_factory=dict)
+    # export
+    precision: str = "fp32"
+    opset: int = 0  # 0: the exporter's default
+    optimize: bool = False
+    tensorrt: str = "auto"  # auto: build where TensorRT and a GPU are present; on: required; off
+    trt_batch: str = "1:8:32"
+    trt_seq: str = "1:128:2048"
+    # parity
+    parity_new_tokens: int = 16
+    parity_batch_sizes: list = field(default_factory=lambda: [1, 2])
+    parity_tolerances: dict = field(default_factory=dict)  # e.g. {max_abs = 1e-3}
+    parity_prompts: str = ""  # a text file of prompts (default: random ids plus the calibration text)
+    # quality
+    eval_text: str = ""  # a text file or wikitext2 / ptb (needs `datasets`); empty: the quality step is skipped
+    eval_seq_len: int = 128
+    eval_max_windows: int = 0  # 0: the whole text
+    # speed
+    speed: bool = True
+    speed_backend: str = "onnxruntime"
+    batch_sizes: list = field(default_factory=lambda: [1, 8, 32])
+    prompt_len: int = 128
+    new_tokens: int = 32
+    repeats: int = 3
+    width_baseline: bool = True
+    # gates
+    max_ppl_ratio: float = 0.0  # 0: no gate; else pruned (or retrained) PPL / original PPL must not exceed it
+    min_speedup: float = 0.0  # 0: no gate; else the decode speedup at every batch size must reach it
+    rerun: list = field(default_factory=list)  # steps to run again even when cached
+
+    def validate(self) -> None:
+        """Check the whole configuration before any heavy work (exit code 2 on the first problem)."""
+        from .converter.calibration import CalibSpec
+        from .converter.criteria import CRITERIA, DATA_DRIVEN
+        from .converter.loading import load_config
+
+        if not self.model:
+            raise UsageError("no model: pass --model DIR (or `model = ...` in the config)")
+        if not self.out:
+            raise UsageError("no output directory: pass --out DIR")
+        load_config(self.model, self.trust_remote_code)
+        check_output_dir(self.out, self.force, inputs=(self.model,))
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.criterion in DATA_DRIVEN:
+            if not self.calib:
+                raise UsageError(f"criterion {self.criterion} needs calibration text: pass --calib FILE")
+            CalibSpec(self.calib, self.num_samples, self.seq_len, self.seed, self.add_bos).validate()
+        if not self.blocks and not self.remove and not 0 < self.ratio < 1:
+            raise UsageError(f"ratio must be between 0 and 1 (exclusive), got {self.ratio}")
+        if self.retrain and self.retrain not in ("lora", "full", "distill"):
+            raise UsageError(f"unknown retrain method {self.retrain!r}; choose lora, full or distill")
+        if self.retrain and not self.retrain_data:
+            raise UsageError("retraining needs data: pass --retrain-data FILE")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise UsageError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
+        if self.tensorrt not in ("auto", "on", "off"):
+            raise UsageError(f"tensorrt must be auto, on or off, got {self.tensorrt!r}")
+        if self.speed_backend not in ("torch", "onnxruntime", "tensorrt"):
+            raise UsageError(f"unknown speed backend {self.speed_backend!r}; choose torch, onnxruntime or tensorrt")
+        if self.eval_text and not Path(self.eval_text).is_file() and self.eval_text not in ("wikitext2", "ptb"):
+            raise UsageError(f"eval text {self.eval_text} not found: pass a text file, wikitext2 or ptb")
+        if self.parity_prompts and not Path(self.parity_prompts).is_file():
+            raise UsageError(f"parity prompts file {self.parity_prompts} not found")
+        if self.tensorrt == "on":
+            from .exporters.tensorrt import tensorrt_unavailable_reason
+
+            reason = tensorrt_unavailable_reason()
+            if reason:
+                raise UsageError(f"tensorrt = on, but {reason}")
+        bad = [s for s in self.rerun if s not in STEPS]
+        if bad:
+            raise UsageError(f"unknown step(s) in rerun: {bad}; steps: {', '.join(STEPS)}")
+        if any(b < 1 for b in self.batch_sizes) or self.repeats < 1 or self.new_tokens < 2:
+            raise UsageError("batch sizes and repeats must be positive and new_tokens at least 2")
+        for name in ("max_ppl_ratio", "min_speedup"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must not be negative")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ConvertConfig)}
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read convert.toml into flat settings; sections only group keys."""
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {path} not found")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path} is not valid TOML: {e}") from e
+    flat: dict = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in FIELDS:
+            for k, v in value.items():
+                flat[k] = v
+        else:
+            flat[key] = value
+    unknown = sorted(k for k in flat if k not in FIELDS)
+    if unknown:
+        raise UsageError(f"unknown setting(s) {', '.join(unknown)} in {path}; see `shortened convert --help`")
+    return flat
+
+
+def make_config(settings: dict) -> ConvertConfig:
+    cfg = ConvertConfig()
+    for k, v in settings.items():
+        if k not in FIELDS:
+            raise UsageError(f"unknown setting {k!r}")
+        default = getattr(cfg, k)
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise UsageError(f"setting {k} must be true or false, got {v!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UsageError(f"setting {k} must be a number, got {v!r}")
+            v = type(default)(v)
+        if isinstance(default, str) and not isinstance(v, str):
+            raise UsageError(f"setting {k} must be a string, got {v!r}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Step bookkeeping
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Steps:
+    """Records which steps finished in the work directory, with their keys, and decides what to reuse."""
+
+    def __init__(self, work: Path, rerun: list, say):
+        self.work, self.rerun, self.say = work, set(rerun), say
+        self.path = work / "steps.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.log: dict = {}
+
+    def cached(self, name: str, key: str) -> dict | None:
+        rec = self.done.get(name)
+        if rec and rec["key"] == key and name not in self.rerun:
+            self.say(f"[{name}] reusing the finished step (key {key}, {rec['seconds']:.0f}s saved)")
+            self.log[name] = {**rec, "reused": True}
+            return rec["result"]
+        return None
+
+    def finish(self, name: str, key: str, result, seconds: float) -> None:
+        rec = {"key": key, "seconds": seconds, "result": result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.done[name] = rec
+        self.log[name] = {**rec, "reused": False}
+        write_json(self.path, self.done)
+
+    def forget(self, name: str) -> None:
+        self.done.pop(name, None)
+        write_json(self.path, self.done)
+
+
+def _run_step(steps: Steps, name: str, key: str, fn, say):
+    res = steps.cached(name, key)
+    if res is not None:
+        return res
+    steps.forget(name)  # its old artifacts are about to be replaced
+    say(f"[{name}] running")
+    t0 = time.perf_counter()
+    res = fn()
+    steps.finish(name, key, res, time.perf_counter() - t0)
+    say(f"[{name}] done in {time.perf_counter() - t0:.1f}s")
+    return res
+
+
+def _replace_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    from . import __version__
+
+    out = {"shortened": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "tensorrt", "peft"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _relocate_text(work: Path, out: Path) -> None:
+    """Reports name paths inside the work directory; make them name where the files will be after the rename."""
+    for p in work.rglob("*"):
+        if p.is_file() and p.suffix in (".json", ".md", ".txt") and p.stat().st_size < 10_000_000:
+            text = p.read_text(errors="ignore")
+            if str(work) in text:
+                p.write_text(text.replace(str(work), str(out)))
+
+
+def _artifacts(out: Path) -> dict:
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json" and p.name != "steps.json")
+    return {str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+
+
+# ---------------------------------------------------------------------------------------------
+# The build step
+
+
+def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
+    """Run the whole build step; returns the manifest. Raises GateFailed (after writing everything) when a
+    gate fails, UsageError (before any heavy work) when the configuration is invalid."""
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cfg.validate()
+    out = Path(cfg.out).resolve()
+    work = out.with_name(f".{out.name}.partial")
+    if out.exists():  # --force: finished steps of the previous run are reused
+        if work.exists():
+            shutil.rmtree(work)
+        os.replace(out, work)
+    elif work.exists():
+        say(f"resuming the interrupted run in {work}")
+    work.mkdir(parents=True, exist_ok=True)
+    steps = Steps(work, cfg.rerun, say)
+    t_start = time.perf_counter()
+    model_fp = fingerprint_path(cfg.model) if Path(cfg.model).exists() else {"hub_id": cfg.model}
+    load = dict(dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    from .converter.loading import LoadOptions
+
+    load_opts = LoadOptions(cfg.dtype, cfg.device, cfg.trust_remote_code)
+
+    # 1. score
+    from .converter.calibration import CalibSpec
+    from .converter.criteria import BlockScores
+
+    calib = CalibSpec(cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.add_bos) if cfg.calib else None
+    calib_fp = fingerprint_path(cfg.calib) if cfg.calib and Path(cfg.calib).is_file() else {"source": cfg.calib}
+    score_key = _key(
+        "score",
+        model_fp,
+        load,
+        calib_fp,
+        dataclasses.asdict(calib) if calib else None,
+        cfg.criterion,
+        cfg.iterative,
+        cfg.protect,
+        cfg.no_protect,
+        None if not cfg.iterative else (cfg.remove, cfg.ratio),
+    )
+
+    def do_score():
+        from .converter.steps import save_scores, score
+
+        s = score(
+            cfg.model,
+            cfg.criterion,
+            calib,
+            cfg.protect,
+            cfg.no_protect,
+            cfg.iterative,
+            cfg.remove or None,
+            cfg.ratio,
+            load=load_opts,
+            progress=progress,
+        )
+        save_scores(s, work / "scores.json", plot=False)
+        return {"removal_order": s.removal_order, "base_ppl": s.base_ppl, "seconds": s.seconds}
+
+    if cfg.blocks:
+        scores = None
+        score_key = _key("manual", cfg.blocks)
+    else:
+        _run_step(steps, "score", score_key, do_score, say)
+        scores = BlockScores.from_dict(json.loads((work / "scores.json").read_text()))
+
+    # 2. prune
+    prune_key = _key("prune", score_key, cfg.blocks, cfg.remove, cfg.ratio, cfg.protect, cfg.no_protect)
+
+    def do_prune():
+        from .converter.steps import prune
+
+        res = prune(
+            cfg.model,
+            _replace_dir(work / "pruned"),
+            scores=scores,
+            remove=cfg.remove or None,
+            ratio=None if (cfg.remove or cfg.blocks) else cfg.ratio,
+            blocks=cfg.blocks or None,
+            protect=cfg.protect,
+            no_protect=cfg.no_protect,
+            load=load_opts,
+            force=True,
+            progress=progress,
+        )
+        return res
+
+    pruned = _run_step(steps, "prune", prune_key, do_prune, say)
+    final_dir, final_key = work / "pruned", prune_key
+
+    # 3. retrain (optional)
+    retrain_info = None
+    if cfg.retrain:
+        data_fp = fingerprint_path(cfg.retrain_data) if Path(cfg.retrain_data).exists() else cfg.retrain_data
+        retrain_key = _key("retrain", prune_key, cfg.retrain, data_fp, cfg.retrain_steps, cfg.retrain_options)
+
+        def do_retrain():
+            from .converter.retrain import retrain
+
+            opts = {"max_steps": cfg.retrain_steps, **cfg.retrain_options}
+            teacher = cfg.model if cfg.retrain == "distill" else None
+            return retrain(
+                str(work / "pruned"),
+                _replace_dir(work / "retrained"),
+                method=cfg.retrain,
+                data=cfg.retrain_data,
+                teacher=teacher,
+                force=True,
+                progress=progress,
+                **opts,
+            )
+
+        retrain_info = _run_step(steps, "retrain", retrain_key, do_retrain, say)
+        final_dir, final_key = work / "retrained", retrain_key
+
+    # 4. ONNX export
+    onnx_key = _key("onnx", final_key, cfg.precision, cfg.opset, cfg.optimize)
+
+    def do_onnx():
+        from .exporters.onnx import export_onnx
+
+        return export_onnx(
+            str(final_dir),
+            _replace_dir(work / "onnx"),
+            precision=cfg.precision,
+            opset=cfg.opset or None,
+            optimize=cfg.optimize,
+            force=True,
+            progress=progress,
+        )
+
+    onnx_info = _run_step(steps, "onnx", onnx_key, do_onnx, say)
+
+    # 5. TensorRT, where TensorRT and a GPU are present
+    trt_info = {"skipped": "tensorrt = off"} if cfg.tensorrt == "off" else None
+    if trt_info is None:
+        from .exporters.tensorrt import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            trt_info = {"skipped": reason}
+            say(f"[tensorrt] skipped: {reason}")
+        else:
+            trt_key = _key("tensorrt", onnx_key, cfg.trt_batch, cfg.trt_seq)
+
+            def do_trt():
+                from .exporters.tensorrt import export_tensorrt
+
+                batch = tuple(int(x) for x in cfg.trt_batch.split(":"))
+                seq = tuple(int(x) for x in cfg.trt_seq.split(":"))
+                return export_tensorrt(work / "onnx", _replace_dir(work / "tensorrt"), batch, seq, force=True)
+
+            trt_info = _run_step(steps, "tensorrt", trt_key, do_trt, say)
+
+    # 6. parity: the exported model against the PyTorch model it came from
+    parity_key = _key(
+        "parity",
+        onnx_key,
+        cfg.parity_new_tokens,
+        cfg.parity_batch_sizes,
+        cfg.parity_tolerances,
+        cfg.parity_prompts,
+        cfg.calib,
+    )
+
+    def do_parity():
+        from .validators.parity import validate_parity
+
+        prompts = cfg.parity_prompts or (cfg.calib if cfg.calib and Path(cfg.calib).suffix == ".txt" else None)
+        rep = validate_parity(
+            str(final_dir),
+            work / "onnx",
+            tolerances=cfg.parity_tolerances or None,
+            prompts_file=prompts,
+            batch_sizes=tuple(cfg.parity_batch_sizes),
+            new_tokens=cfg.parity_new_tokens,
+            seed=cfg.seed,
+            progress=progress,
+        )
+        write_json(work / "parity.json", rep.to_dict())
+        (work / "parity.txt").write_text(rep.table() + "\n")
+        return {"passed": rep.passed, "failures": rep.failures, "providers": rep.providers}
+
+    parity = _run_step(steps, "parity", parity_key, do_parity, say)
+
+    # 7. quality: perplexity of the original, the pruned and the retrained model
+    quality = None
+    if cfg.eval_text:
+        text_fp = fingerprint_path(cfg.eval_text) if Path(cfg.eval_text).is_file() else cfg.eval_text
+        quality_key = _key("quality", model_fp, prune_key, final_key, text_fp, cfg.eval_seq_len, cfg.eval_max_windows)
+
+        def do_quality():
+            from .converter.loading import load_model
+            from .validators.quality import perplexity
+
+            res = {}
+            models = {"original": cfg.model, "pruned": str(work / "pruned")}
+            if cfg.retrain:
+                models["retrained"] = str(work / "retrained")
+            for name, path in models.items():
+                m = load_model(path, load_opts)
+                p = perplexity(
+                    m.model,
+                    m.tokenizer,
+                    cfg.eval_text,
+                    cfg.eval_seq_len,
+                    add_bos=cfg.add_bos,
+                    max_windows=cfg.eval_max_windows or None,
+                    progress=progress,
+                )
+                res[name] = p.to_dict()
+                say(f"[quality] {name}: perplexity {p.ppl:.2f} over {p.windows} windows of {p.seq_len}")
+                del m
+            write_json(work / "quality.json", res)
+            return res
+
+        quality = _run_step(steps, "quality", quality_key, do_quality, say)
+
+    # 8. speed: pruned against the original on the same backend, interleaved
+    speed = None
+    if cfg.speed:
+        speed_key = _key(
+            "speed",
+            model_fp,
+            final_key,
+            cfg.speed_backend,
+            cfg.batch_sizes,
+            cfg.prompt_len,
+            cfg.new_tokens,
+            cfg.repeats,
+            cfg.width_baseline,
+            cfg.precision,
+            cfg.optimize,
+            cfg.device,
+        )
+
+        def do_speed():
+            from .validators.speed import bench
+
+            orig = cfg.model
+            if Path(orig).suffix == ".gguf":  # benchmark what the user serves: a plain checkpoint of it
+                orig = str(work / "original")
+            rep = bench(
+                orig,
+                str(final_dir),
+                backend=cfg.speed_backend,
+                batch_sizes=cfg.batch_sizes,
+                prompt_len=cfg.prompt_len,
+                new_tokens=cfg.new_tokens,
+                repeats=cfg.repeats,
+                width_baseline=cfg.width_baseline,
+                device="cuda" if cfg.device != "cpu" else "cpu",
+                precision=cfg.precision,
+                optimize=cfg.optimize,
+                work_dir=work / "speed-work",
+                report=work / "speed.json",
+                plot=work / "speed.png",
+                progress=progress,
+            )
+            shutil.rmtree(work / "speed-work", ignore_errors=True)
+            (work / "speed.md").write_text(rep.table() + "\n")
+            return {b: {n: rep.decode_speedup(b, n) for n in rep.models if n != "original"} for b in cfg.batch_sizes}
+
+        if Path(cfg.model).suffix == ".gguf" and not (work / "original").exists():
+            from .converter.checkpoint import save_checkpoint
+            from .converter.loading import load_model
+
+            m = load_model(cfg.model, load_opts)
+            save_checkpoint(m.model, m.tokenizer, work / "original")
+        speed = _run_step(steps, "speed", speed_key, do_speed, say)
+
+    # gates, manifest, report
+    gates = evaluate_gates(cfg, parity, quality, work)
+    from .plots import plot_block_scores
+
+    if scores is not None:
+        plot_block_scores(scores, work / "scores.png", removed=pruned["removed"])
+    manifest = {
+        "tool": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": {"model": model_fp, "calibration": calib_fp if cfg.calib else None},
+        "config": dataclasses.asdict(cfg),
+        "pruning": {
+            "removed_blocks": pruned["removed"],
+            "num_blocks": pruned["num_blocks"],
+            "kept": pruned["kept"],
+            "criterion": cfg.criterion if scores else "manual",
+            "removal_order": scores.removal_order if scores else None,
+            "scores": scores.scores if scores else None,
+        },
+        "retraining": retrain_info,
+        "onnx": onnx_info,
+        "tensorrt": trt_info,
+        "parity": parity,
+        "quality": quality,
+        "speed": {"decode_speedup": speed, "report": "speed.json"} if speed is not None else None,
+        "gates": gates,
+        "passed": all(g["passed"] for g in gates.values()),
+        "steps": {
+            k: {"key": v["key"], "seconds": round(v["seconds"], 2), "reused": v["reused"]} for k, v in steps.log.items()
+        },
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (work / "report.md").write_text(render_report(manifest, work))
+    _relocate_text(work, out)
+    manifest = json.loads(json.dumps(manifest).replace(str(work), str(out)))
+    manifest["artifacts"] = _artifacts(work)
+    write_json(work / "manifest.json", manifest)
+    (work / "steps.json").rename(work / ".steps.json")  # bookkeeping, not an artifact
+    os.replace(work, out)
+    (out / ".steps.json").rename(out / "steps.json")
+    say(summary_table(manifest, out))
+    failed = [f"{k}: {g['detail']}" for k, g in gates.items() if not g["passed"]]
+    if failed:
+        raise GateFailed("; ".join(failed) + f" (artifacts and manifest in {out})")
+    return manifest
+
+
+def evaluate_gates(cfg: ConvertConfig, parity: dict, quality: dict | None, work: Path) -> dict:
+    gates = {
+        "parity": {
+            "passed": bool(parity["passed"]),
+            "detail": "all cases within tolerances" if parity["passed"] else parity["failures"][0],
+        }
+    }
+    if cfg.max_ppl_ratio:
+        if quality is None:
+            gates["max_ppl_ratio"] = {"passed": False, "detail": "no perplexity measured: set eval_text"}
+        else:
+            final = quality.get("retrained", quality["pruned"])["ppl"]
+            ratio = final / quality["original"]["ppl"]
+            gates["max_ppl_ratio"] = {
+                "passed": ratio <= cfg.max_ppl_ratio,
+                "value": ratio,
+                "limit": cfg.max_ppl_ratio,
+                "detail": f"PPL ratio {ratio:.3f} vs limit {cfg.max_ppl_ratio}",
+            }
+    if cfg.min_speedup:
+        path = work / "speed.json"
+        if not path.is_file():
+            gates["min_speedup"] = {"passed": False, "detail": "no speed measured: enable the speed step"}
+        else:
+            rep = json.loads(path.read_text())
+            got = {r["batch"]: r["decode_speedup"]["median"] for r in rep["rows"] if r["model"] == "candidate"}
+            worst = min(got.values()) if got else 0.0
+            gates["min_speedup"] = {
+                "passed": worst >= cfg.min_speedup,
+                "value": worst,
+                "by_batch": got,
+                "limit": cfg.min_speedup,
+                "detail": f"worst decode speedup {worst:.3f}x vs limit {cfg.min_speedup}x",
+            }
+    return gates
+
+
+def summary_table(m: dict, out: Path) -> str:
+    p = m["pruning"]
+    lines = [
+        f"\nshortened convert: {out}",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| blocks removed | {p['removed_blocks']} ({p['num_blocks']} -> {p['kept']}, criterion {p['criterion']}) |",
+    ]
+    q = m.get("quality")
+    if q:
+        row = " -> ".join(f"{k} {v['ppl']:.2f}" for k, v in q.items())
+        lines.append(f"| perplexity ({q['original']['source']}, {q['original']['seq_len']}-token windows) | {row} |")
+    par = m["parity"]
+    lines.append(
+        f"| parity (ONNX vs PyTorch) | {'PASS' if par['passed'] else 'FAIL'} on {', '.join(par['providers'])} |"
+    )
+    t = m.get("tensorrt") or {}
+    lines.append(f"| TensorRT | {'skipped: ' + t['skipped'] if 'skipped' in t else 'built'} |")
+    if m.get("speed"):
+        rep = json.loads((out / "speed.json").read_text())
+        for r in rep["rows"]:
+            if r["model"] == "original":
+                continue
+            ideal = rep["models"][r["model"]].get("ideal_decode_speedup")
+            lines.append(
+                f"| decode speedup, batch {r['batch']}, {r['model']} | {r['decode_speedup']['median']:.3f}x "
+                f"(ideal {ideal:.3f}x) |"
+            )
+    for k, g in m["gates"].items():
+        lines.append(f"| gate {k} | {'pass' if g['passed'] else 'FAIL'}: {g['detail']} |")
+    reused = [k for k, v in m["steps"].items() if v["reused"]]
+    if reused:
+        lines.append(f"| reused steps | {', '.join(reused)} |")
+    return "\n".join(lines)
+
+
+def render_report(m: dict, work: Path) -> str:
+    """report.md: what a person reads in a minute."""
+    out = [
+        "# shortened build report",
+        "",
+        f"Model `{m['config']['model']}`, created {m['created']} by shortened "
+        f"{m['tool']['shortened']} (torch {m['tool'].get('torch')}, transformers {m['tool'].get('transformers')}).",
+        "",
+        "## Summary",
+        summary_table(m, work).split("\n", 2)[2],
+        "",
+    ]
+    if m["pruning"]["scores"]:
+        out += ["## Block importance", "", "![block scores](scores.png)", ""]
+    if (work / "parity.txt").is_file():
+        out += ["## Parity (ONNX vs PyTorch)", "", "```", (work / "parity.txt").read_text().rstrip(), "```", ""]
+    if (work / "speed.md").is_file():
+        out += ["## Speed", "", (work / "speed.md").read_text().rstrip(), "", "![speed](speed.png)", ""]
+    if m.get("retraining"):
+        out += ["## Retraining", "", "```json", json.dumps(m["retraining"], indent=1, default=str)[:3000], "```", ""]
+    out += ["## Steps", "", "| step | seconds | reused |", "| --- | --- | --- |"]
+    out += [f"| {k} | {v['seconds']} | {'yes' if v['reused'] else 'no'} |" for k, v in m["steps"].items()]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,103 @@
+"""`shortened convert` end to end on a tiny model: artifacts, manifest consistency, exit codes, step reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CORPUS, WIKITEXT, make_tiny
+
+from shortened.cli import main
+from shortened.io import sha256_file
+
+
+@pytest.fixture(scope="module")
+def tiny8(tmp_path_factory):
+    return make_tiny("llama", tmp_path_factory.mktemp("convert") / "llama8", layers=8)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("texts")
+    calib, evalt = d / "calib.txt", d / "eval.txt"
+    calib.write_text(CORPUS.read_text()[:20000] if CORPUS.is_file() else "the quick brown fox. " * 1000)
+    evalt.write_text(WIKITEXT.read_text()[:20000] if WIKITEXT.is_file() else "a lazy dog sleeps. " * 1000)
+    return calib, evalt
+
+
+def _args(model, out, calib, evalt, *extra):
+    return [
+        "convert", "--model", str(model), "--out", str(out), "--calib", str(calib), "--seq-len", "32",
+        "--num-samples", "4", "--protect", "0,-1", "--ratio", "0.25", "--eval-text", str(evalt),
+        "--eval-max-windows", "8", "--batch-sizes", "1,2", "--repeats", "1", "--prompt-len", "8", "--new-tokens", "4",
+        "--parity-new-tokens", "4", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_convert_end_to_end_then_reuse_then_gate(tiny8, texts, tmp_path, capsys):
+    calib, evalt = texts
+    out = tmp_path / "build"
+    code = main(_args(tiny8, out, calib, evalt))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    for f in ("pruned/model.safetensors", "pruned/pruning.json", "onnx/model.onnx", "manifest.json", "report.md",
+              "scores.json", "scores.png", "parity.json", "quality.json", "speed.json", "speed.png"):  # fmt: skip
+        assert (out / f).is_file(), f
+    assert not list(tmp_path.glob(".build.partial*"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["passed"] and m["gates"]["parity"]["passed"]
+    assert m["pruning"]["removed_blocks"] == json.loads((out / "pruned/pruning.json").read_text())["removed_blocks"]
+    assert len(m["pruning"]["removed_blocks"]) == 2 and m["pruning"]["kept"] == 6
+    for rel, info in m["artifacts"].items():  # the manifest describes exactly the files that are there
+        assert sha256_file(out / rel) == info["sha256"], rel
+    assert set(m["artifacts"]) == {
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in ("manifest.json", "steps.json")
+    }
+    assert set(m["quality"]) == {"original", "pruned"} and m["quality"]["pruned"]["windows"] == 8
+    assert m["tensorrt"]["skipped"]  # no TensorRT here, and the manifest says why
+    assert set(m["speed"]["decode_speedup"]["1"]) == {"candidate", "width"}
+    assert m["tool"]["torch"] and m["inputs"]["model"]["sha256"]
+    assert "blocks removed" in err and "parity" in err
+
+    # same inputs: every step is reused; a gate that cannot pass gives exit code 1 with artifacts kept
+    code = main(_args(tiny8, out, calib, evalt, "--force", "--min-speedup", "100"))
+    err = capsys.readouterr().err
+    assert code == 1 and "min_speedup" in err
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert all(s["reused"] for s in m2["steps"].values()), m2["steps"]
+    assert "reusing the finished step" in err
+    assert not m2["passed"] and not m2["gates"]["min_speedup"]["passed"] and m2["gates"]["min_speedup"]["limit"] == 100
+    assert (out / "onnx/model.onnx").is_file()
+
+    # a changed input invalidates what depends on it, and only that
+    code = main(_args(tiny8, out, calib, evalt, "--force", "--no-speed", "--ratio", "0.4"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    m3 = json.loads((out / "manifest.json").read_text())
+    assert m3["steps"]["score"]["reused"] and not m3["steps"]["prune"]["reused"] and not m3["steps"]["onnx"]["reused"]
+    assert len(m3["pruning"]["removed_blocks"]) == 3
+
+
+def test_invalid_config_fails_before_any_work(tiny8, texts, tmp_path, capsys):
+    calib, evalt = texts
+    out = tmp_path / "o"
+    cases = [
+        (["--ratio", "1.5"], "between 0 and 1"),
+        (["--calib", str(tmp_path / "missing.txt")], "not found"),
+        (["--criterion", "nope"], "unknown criterion"),
+        (["--speed-backend", "tpu"], "unknown speed backend"),
+        (["--rerun", "everything"], "unknown step"),
+    ]
+    for extra, message in cases:
+        code = main(_args(tiny8, out, calib, evalt, *extra))
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1, err
+    toml = tmp_path / "convert.toml"
+    toml.write_text(f'model = "{tiny8}"\n[pruning]\nratio = 0.2\nbogus = 1\n')
+    code = main(["convert", "--config", str(toml), "--out", str(out)])
+    assert code == 2 and "unknown setting(s) bogus" in capsys.readouterr().err
+    toml.write_text(f'model = "{tiny8}"\ncalib = "{calib}"\n[pruning]\nratio = "a lot"\n')
+    code = main(["convert", "--config", str(toml), "--out", str(out)])
+    assert code == 2 and "must be a number" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".o.partial*"))
