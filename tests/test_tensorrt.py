@@ -22,71 +22,10 @@ from shortened.exporters import tensorrt as T
 
 
 def export_tiny_onnx(model_dir, out_dir, precision: str = "fp32"):
-    """An exported ONNX directory (out_dir/model.onnx) with Optimum's names and named dims.
+    """The project's exporter: out_dir/model.onnx with Optimum's names and named dims, plus export.json."""
+    from shortened.exporters.onnx import export_onnx
 
-    Uses the project's exporter when it is there; otherwise a minimal torch.onnx.export of the same layout.
-    """
-    try:
-        from shortened.exporters.onnx import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:
-        export_onnx(str(model_dir), out_dir, precision=precision)
-        return out_dir
-    return _torch_export(model_dir, out_dir, precision)
-
-
-def _torch_export(model_dir, out_dir, precision):
-    import torch
-    from torch.export import Dim
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
-    device = "cuda" if precision == "fp16" and torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-    cfg = model.config
-    n_layers = cfg.num_hidden_layers
-    kv_heads = cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-    class Flat(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, position_ids, past):
-            cache = DynamicCache(config=self.m.config)
-            for i in range(n_layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)  # fmt: skip
-            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-            return (out.logits, *present)
-
-    b, s, p = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length")
-    batch, new, past_len = 2, 3, 4
-    ids = torch.randint(3, cfg.vocab_size, (batch, new), device=device)
-    mask = torch.ones(batch, past_len + new, dtype=torch.int64, device=device)
-    pos = torch.arange(past_len, past_len + new, device=device).expand(batch, new)
-    past = [torch.randn(batch, kv_heads, past_len, head_dim, dtype=dtype, device=device) for _ in range(2 * n_layers)]
-    kv = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
-    torch.onnx.export(
-        Flat(model), (ids, mask, pos, past), str(path), dynamo=True, external_data=True,
-        input_names=["input_ids", "attention_mask", "position_ids", *kv],
-        output_names=["logits", *(n.replace("past_key_values", "present") for n in kv)],
-        dynamic_shapes=({0: b, 1: s}, {0: b, 1: Dim("total_sequence_length")}, {0: b, 1: s},
-                        [{0: b, 2: p} for _ in kv]),
-    )  # fmt: skip
-    m = onnx.load(str(path), load_external_data=False)
-    for v in m.graph.input:  # Optimum's name for the mask length
-        for d in v.type.tensor_type.shape.dim:
-            if d.dim_param == "total_sequence_length":
-                d.dim_param = "past_sequence_length + sequence_length"
-    onnx.save(m, str(path))
-    (out_dir / "export.json").write_text(json.dumps({"precision": precision, "max_position_embeddings":
-                                                     cfg.max_position_embeddings}))  # fmt: skip
+    export_onnx(str(model_dir), out_dir, precision=precision, progress=False)
     return out_dir
 
 
@@ -276,13 +215,9 @@ def test_ort_tensorrt_provider_options(tiny_onnx, tmp_path):
 
 
 @pytest.mark.integration
-def test_profile_from_pruned_smollm2_export(smollm2, tmp_path):
+def test_profile_from_pruned_smollm2_export(smollm2_24_onnx):
     """SmolLM2-135M pruned to 24 blocks and exported: the profile covers 3 + 48 inputs with its real KV shape."""
-    from shortened.converter.steps import prune
-
-    pruned = tmp_path / "pruned"
-    prune(str(smollm2), pruned, blocks=[20, 21, 22, 23, 24, 25], progress=False)
-    onnx_dir = export_tiny_onnx(pruned, tmp_path / "onnx")
+    _, onnx_dir = smollm2_24_onnx
     rep = T.preflight(onnx_dir / "model.onnx", batch=(1, 8, 32), seq=(1, 128, 2048), precision="fp32")
     assert rep["ok"], rep["problems"]
     prof = rep["profile"]
@@ -291,6 +226,8 @@ def test_profile_from_pruned_smollm2_export(smollm2, tmp_path):
     assert prof["attention_mask"]["max"] == [32, 2048] and prof["input_ids"]["opt"] == [8, 1]
     cmd = T.trtexec_command(onnx_dir / "model.onnx", "model.engine", prof)
     assert sum(a.count("past_key_values.") for a in cmd) == 3 * 48
+    with pytest.raises(UsageError, match="max_position_embeddings 8192"):  # from the export's config.json
+        T.export_tensorrt(onnx_dir, "unused", seq=(1, 128, 16384), check_only=True)
 
 
 # ------------------------------------------------------------------------------------------------ GPU (TensorRT)

@@ -556,7 +556,8 @@ def build_engine(onnx_path, engine_path, profile: dict, timing_cache=None,
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     opt_profile = builder.create_optimization_profile()
-    for name, s in profile.items():
+    for name in dynamic:
+        s = profile[name]
         opt_profile.set_shape(name, tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]))
     config.add_optimization_profile(opt_profile)
     cache_path = Path(timing_cache) if timing_cache else None
