@@ -233,3 +233,21 @@ def _with_layers(config, n):
     cfg.num_hidden_layers = n
     cfg.layer_types = cfg.layer_types[:n] if getattr(cfg, "layer_types", None) else None
     return cfg
+
+
+def test_bench_onnxruntime_exports_and_runs(tiny_models, tmp_path):
+    from shortened.converter.steps import prune
+    from shortened.validators.speed import bench
+
+    src = tiny_models["llama"]
+    prune(str(src), tmp_path / "cand", blocks=[1, 2], no_protect=True, progress=False)
+    rep = bench(str(src), str(tmp_path / "cand"), backend="onnxruntime", batch_sizes=(1,), prompt_len=6, new_tokens=3,
+                repeats=2, warmup=1, threads=1, work_dir=tmp_path / "work", progress=False)  # fmt: skip
+    assert (tmp_path / "work" / "candidate-onnx" / "model.onnx").is_file()
+    for m in rep.models.values():
+        assert m["providers"] == ["CPUExecutionProvider"] and m["kind"] == "onnxruntime"
+    row = rep.row(1, "candidate")
+    assert len(row["decode_speedups"]) == 2 and row["tokens_per_s"]["median"] > 0
+    assert rep.models["candidate"]["ideal_decode_speedup"] == pytest.approx(
+        ideal_speedup(str(src), str(tmp_path / "cand"), context=6 + 3 // 2)
+    )

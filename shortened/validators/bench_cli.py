@@ -25,6 +25,8 @@ def register(sub, groups) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="ONNX/TensorRT precision")
     p.add_argument("--optimize", action="store_true", help="export ONNX with the fused-attention optimizations")
+    p.add_argument("--original-onnx", help="an ONNX export of the original to use instead of exporting one")
+    p.add_argument("--candidate-onnx", help="an ONNX export of the candidate to use instead of exporting one")
     p.add_argument("--work-dir", help="keep exports and the width baseline here (default: a temporary dir)")
     p.add_argument("--report", help="write the full report (every run, pairwise ratios) as JSON")
     p.add_argument("--plot", help="write a PNG of tokens/s and speedup against batch size")
@@ -62,6 +64,7 @@ def cmd_bench(args) -> int:
         precision=args.precision,
         optimize=args.optimize,
         seed=args.seed,
+        onnx_dirs={"original": args.original_onnx, "candidate": args.candidate_onnx},
         work_dir=args.work_dir,
         report=args.report,
         plot=args.plot,

@@ -614,17 +614,18 @@ def _check_backend(backend: str, device: str) -> None:
 
 
 def _prepare(name: str, path: str, backend: str, work: Path, optimize: bool, precision: str, batch_sizes,
-             prompt_len: int, new_tokens: int) -> str:  # fmt: skip
-    """The artifact a backend runs: the checkpoint itself (torch), an ONNX export, or a TensorRT engine."""
+             prompt_len: int, new_tokens: int, onnx_dir=None) -> str:  # fmt: skip
+    """The artifact a backend runs: the checkpoint itself (torch), an ONNX export (given, or made here), or a
+    TensorRT engine built from it."""
     if backend == "torch":
         return path
-    onnx_dir = Path(path)
+    onnx_dir = Path(onnx_dir or path)
     if not (onnx_dir / "model.onnx").is_file():
         from ..exporters.onnx import export_onnx
 
         onnx_dir = work / f"{name}-onnx"
         log.info("exporting %s to ONNX (%s)", name, onnx_dir)
-        export_onnx(path, onnx_dir, precision=precision, cache=True, optimize=optimize, progress=False)
+        export_onnx(path, onnx_dir, precision=precision, cache=True, optimize=optimize, force=True, progress=False)
     if backend == "onnxruntime":
         return str(onnx_dir)
     from ..exporters.tensorrt import export_tensorrt
@@ -651,6 +652,7 @@ def bench(
     precision: str = "fp32",
     optimize: bool = False,
     seed: int = 0,
+    onnx_dirs: dict | None = None,
     work_dir: str | Path | None = None,
     report: str | Path | None = None,
     plot: str | Path | None = None,
@@ -660,8 +662,10 @@ def bench(
 
     original, candidate: checkpoint directories (ONNX directories also work for the onnxruntime backend).
     width_baseline: True builds one (`shortened.converter.width.width_prune`) matched to the candidate's
-    parameter count; a path uses that checkpoint. Artifacts (width checkpoint, ONNX exports, engines) go to
-    `work_dir` (a temporary directory, removed afterwards, when not given).
+    parameter count; a path uses that checkpoint. onnx_dirs: ONNX exports already made, by model name
+    ("original", "candidate", "width"), used by the onnxruntime/tensorrt backends instead of exporting.
+    Artifacts made here (width checkpoint, ONNX exports, engines) go to `work_dir` (a temporary directory,
+    removed afterwards, when not given).
     """
     from ..converter.width import count_params_of_config
 
@@ -672,6 +676,10 @@ def bench(
     if prompt_len < 1 or new_tokens < 2 or repeats < 1 or warmup < 0:
         raise UsageError("need prompt_len >= 1, new_tokens >= 2, repeats >= 1 and warmup >= 0")
     paths = {"original": str(original), "candidate": str(candidate)}
+    onnx = {"original": None, "candidate": None, "width": None, **(onnx_dirs or {})}
+    unknown = set(onnx) - {"original", "candidate", "width"}
+    if unknown:
+        raise UsageError(f"onnx_dirs names must be original, candidate or width; got {sorted(unknown)}")
     configs = {k: _config(v) for k, v in paths.items()}  # bad paths fail here, before any work
     if isinstance(width_baseline, (str, Path)):
         paths["width"] = str(width_baseline)
@@ -694,7 +702,7 @@ def bench(
         specs = [
             ModelSpec(
                 name,
-                _prepare(name, p, backend, work, optimize, precision, bs, prompt_len, new_tokens),
+                _prepare(name, p, backend, work, optimize, precision, bs, prompt_len, new_tokens, onnx[name]),
                 backend,
                 device,
                 threads,
