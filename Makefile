@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 MODEL_DIR ?= $(HOME)/.cache/shortened/smollm2-135m-instruct
 OUT ?= out/smollm2-shortened
+# Real text from ../shared/data where it exists (this project's machines); elsewhere Hugging Face datasets.
+SHARED ?= ../shared/data
+CALIB ?= $(if $(wildcard $(SHARED)/text/corpus_en.txt),$(SHARED)/text/corpus_en.txt,hf:wikitext:wikitext-2-raw-v1)
+EVAL ?= $(if $(wildcard $(SHARED)/wikitext2/test.raw.txt),$(SHARED)/wikitext2/test.raw.txt,wikitext2)
 
 .PHONY: setup setup-optimum test test-optimum test-fast lint demo bench fetch clean
 
@@ -50,10 +54,12 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
 demo: setup fetch
-	$(VENV)/bin/shortened convert --model $(MODEL_DIR) --out $(OUT) --force
+	$(VENV)/bin/shortened convert --config examples/smollm2.toml --model $(MODEL_DIR) --out $(OUT) \
+		--calib $(CALIB) --eval-text $(EVAL) --force
 
 bench: setup fetch
-	$(PY) benchmarks/bench_ppl_scoring.py --model $(MODEL_DIR)
+	$(PY) benchmarks/bench_ppl_scoring.py --model $(MODEL_DIR) --calib $(CALIB)
+	$(PY) benchmarks/bench_speed.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(VENV_OPT) .pytest_cache .ruff_cache out
