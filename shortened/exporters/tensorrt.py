@@ -446,7 +446,7 @@ def preflight(onnx_path, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precision: str | 
 
 
 def trtexec_command(onnx_path, engine_path, profile: dict, workspace_gb: float = DEFAULT_WORKSPACE_GB,
-                    timing_cache=None) -> list[str]:  # fmt: skip
+                    timing_cache=None, tf32: bool = False) -> list[str]:  # fmt: skip
     """The trtexec argv that builds the same engine as build_engine (strongly typed, one profile)."""
     argv = [
         "trtexec",
@@ -458,6 +458,8 @@ def trtexec_command(onnx_path, engine_path, profile: dict, workspace_gb: float =
         f"--maxShapes={shape_spec(profile, 'max')}",
         f"--memPoolSize=workspace:{int(round(workspace_gb * 1024))}",  # MiB
     ]
+    if not tf32:
+        argv.append("--noTF32")
     if timing_cache is not None:
         argv.append(f"--timingCacheFile={timing_cache}")
     argv.append("--skipInference")
@@ -532,10 +534,11 @@ def _write_bytes_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def build_engine(onnx_path, engine_path, profile: dict, timing_cache=None,
-                 workspace_gb: float = DEFAULT_WORKSPACE_GB, verbose: bool = False) -> dict:  # fmt: skip
+def build_engine(onnx_path, engine_path, profile: dict, timing_cache=None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
+                 tf32: bool = False, verbose: bool = False) -> dict:  # fmt: skip
     """Parse the ONNX (external-data weights included), build a strongly typed engine with one profile, write it
-    atomically. The timing cache file is read when it exists and written back after the build."""
+    atomically. The timing cache file is read when it exists and written back after the build. tf32=False keeps
+    fp32 math in fp32 (TensorRT otherwise may use TF32 tensor cores for float32 layers)."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -555,6 +558,8 @@ def build_engine(onnx_path, engine_path, profile: dict, timing_cache=None,
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     opt_profile = builder.create_optimization_profile()
     for name in dynamic:
         s = profile[name]
@@ -584,6 +589,7 @@ def build_engine(onnx_path, engine_path, profile: dict, timing_cache=None,
         "timing_cache": str(cache_path) if cache_path else None,
         "timing_cache_reused": cache_hit,
         "workspace_gb": workspace_gb,
+        "tf32": tf32,
         "device": _device_info(),
     }
 
@@ -591,7 +597,7 @@ def build_engine(onnx_path, engine_path, profile: dict, timing_cache=None,
 def export_tensorrt(onnx_dir, out, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precision: str | None = None,
                     timing_cache=None, workspace_gb: float = DEFAULT_WORKSPACE_GB, check_only: bool = False,
                     force: bool = False, trt_version: str | None = None, opt_phase: str = "decode",
-                    verbose: bool = False) -> dict:  # fmt: skip
+                    tf32: bool = False, verbose: bool = False) -> dict:  # fmt: skip
     """Pre-flight, then (unless check_only) build out/model.engine with out/trtexec.sh and out/build.json.
 
     Pre-flight problems and a missing TensorRT or GPU raise UsageError (exit 2) before anything is written.
@@ -608,7 +614,7 @@ def export_tensorrt(onnx_dir, out, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precisi
         log.warning(w)
     profile = report["profile"]
     engine_final = Path(out).resolve() / "model.engine" if out else Path("model.engine")
-    argv = trtexec_command(onnx_path.resolve(), engine_final, profile, workspace_gb, timing_cache)
+    argv = trtexec_command(onnx_path.resolve(), engine_final, profile, workspace_gb, timing_cache, tf32)
     result = {
         "onnx": str(onnx_path),
         "out": str(out) if out else None,
@@ -623,7 +629,7 @@ def export_tensorrt(onnx_dir, out, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precisi
     if reason:
         raise UsageError(reason)
     with atomic_dir(out, force, inputs=(onnx_path.parent,)) as tmp:
-        built = build_engine(onnx_path, tmp / "model.engine", profile, timing_cache, workspace_gb, verbose)
+        built = build_engine(onnx_path, tmp / "model.engine", profile, timing_cache, workspace_gb, tf32, verbose)
         (tmp / "trtexec.sh").write_text("#!/bin/sh\n# builds the same engine as `shortened export tensorrt`\n"
                                         + " \\\n  ".join(shlex.quote(a) for a in argv) + "\n")  # fmt: skip
         record = {

@@ -31,6 +31,9 @@ def register(sub, groups) -> None:
     p.add_argument("--timing-cache", help="timing cache file, read if present and updated after the build")
     p.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, help="builder workspace limit (GiB)")
     p.add_argument("--trt-version", help="TensorRT version to check ops against (default: the installed one)")
+    p.add_argument(
+        "--tf32", action="store_true", help="allow TF32 tensor cores for float32 layers (faster, less exact)"
+    )
     p.add_argument("--check-only", action="store_true", help="run the pre-flight checks only; needs no TensorRT")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export_tensorrt)
@@ -54,6 +57,7 @@ def cmd_export_tensorrt(args) -> int:
         force=args.force,
         trt_version=args.trt_version,
         opt_phase=args.opt_phase,
+        tf32=args.tf32,
         verbose=getattr(args, "verbose", False),
     )
     print(json.dumps(res, indent=2, default=str))

@@ -118,7 +118,8 @@ class TrtRunner(Runner):
                     raise UsageError(f"the engine has an input {name} this runner does not know how to feed")
             for name, t in tensors.items():
                 self._check_shape(name, t.shape)
-                self.context.set_input_shape(name, tuple(t.shape))
+                if not self.context.set_input_shape(name, tuple(t.shape)):
+                    raise UsageError(f"TensorRT rejected the shape {list(t.shape)} of {name}")
                 self.context.set_tensor_address(name, self._address(t))
             outs = {}
             for name in self.outputs:
