@@ -120,12 +120,19 @@ def test_preflight_passes_tiny_export_and_cli_check_only(tiny_onnx, capsys):
 
 def test_preflight_reports_unsupported_ops(tmp_path):
     unique = helper.make_node("Unique", ["h"], ["u"])  # not in TensorRT's parser list
-    gqa = helper.make_node("GroupQueryAttention", ["h"], ["g"], domain="com.microsoft")  # an ORT fusion
-    path = synthetic_graph(tmp_path / "bad.onnx", extra_nodes=[unique, gqa], extra_opsets=[("com.microsoft", 1)])
+    gqa = helper.make_node("GroupQueryAttention", ["h"], ["g"], domain="com.microsoft")  # ORT fusions (--optimize)
+    norm = helper.make_node("SimplifiedLayerNormalization", ["h", "emb"], ["n"])  # ORT's, in the default domain
+    extra = [unique, gqa, norm]
+    path = synthetic_graph(tmp_path / "bad.onnx", extra_nodes=extra, extra_opsets=[("com.microsoft", 1)])
     rep = T.preflight(path, batch=(1, 1, 2), seq=(1, 4, 8), trt_version="10.15")
     assert not rep["ok"]
-    assert set(rep["unsupported_ops"]) == {"Unique", "com.microsoft::GroupQueryAttention"}
-    assert "com.microsoft" in rep["unsupported_ops"]["com.microsoft::GroupQueryAttention"]
+    assert set(rep["unsupported_ops"]) == {
+        "Unique",
+        "com.microsoft::GroupQueryAttention",
+        "SimplifiedLayerNormalization",
+    }
+    assert "without --optimize" in rep["unsupported_ops"]["com.microsoft::GroupQueryAttention"]
+    assert "SimplifiedLayerNormalization, com.microsoft::GroupQueryAttention (onnxruntime-only" in rep["problems"][0]
     with pytest.raises(UsageError, match="Unique"):
         T.export_tensorrt(path, tmp_path / "engine", batch=(1, 1, 2), seq=(1, 4, 8), check_only=True)
     assert not (tmp_path / "engine").exists()

@@ -75,10 +75,9 @@ _ADDED_IN = {
     "TensorScatter": (10, 15),
     "Swish": (11, 0),
 }
-_ORT_FUSION_HINT = (
-    "onnxruntime-only fused ops (domain com.microsoft) that TensorRT's parser does not know: "
-    "export the ONNX without onnxruntime fusions for TensorRT"
-)
+_ORT_FUSION_HINT = "onnxruntime-only fused op: export the ONNX without --optimize for TensorRT"
+# onnxruntime contrib ops that onnxruntime registers in the default ONNX domain (its fusions emit them)
+_ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"})
 
 # how a named dim maps to a range (names as Optimum and our exporter write them, spaces removed, lower case)
 _ROLE_BY_DIM = {
@@ -296,6 +295,8 @@ def op_support(model, trt_version: str) -> dict:
         if node.domain not in ("", "ai.onnx"):
             hint = _ORT_FUSION_HINT if node.domain == "com.microsoft" else "a custom-domain op needs a TensorRT plugin"
             unsupported[key] = hint
+        elif node.op_type in _ORT_DEFAULT_DOMAIN_OPS:
+            unsupported[key] = _ORT_FUSION_HINT
         elif node.op_type not in SUPPORTED_OPS:
             unsupported[key] = f"not in TensorRT's ONNX-parser support list ({trt_version})"
         elif version < _ADDED_IN.get(node.op_type, (10, 0)):
@@ -399,7 +400,10 @@ def preflight(onnx_path, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precision: str | 
 
     ops = op_support(model, target)
     if ops["unsupported"]:
-        listed = ", ".join(f"{op} ({why})" for op, why in sorted(ops["unsupported"].items()))
+        by_reason = {}
+        for op, why in sorted(ops["unsupported"].items()):
+            by_reason.setdefault(why, []).append(op)
+        listed = "; ".join(f"{', '.join(op_names)} ({why})" for why, op_names in by_reason.items())
         problems.append(f"ops TensorRT {target} cannot parse: {listed}")
 
     prec = graph_precision(model)
