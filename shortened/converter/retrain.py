@@ -237,6 +237,9 @@ def _training_args(cfg: RetrainConfig, work: Path, has_val: bool):
         dataloader_num_workers=0,
         **warmup,
     )
+    bad = sorted(set(cfg.extra_args) - names)
+    if bad:
+        raise UsageError(f"unknown TrainingArguments fields {', '.join(bad)}; see transformers.TrainingArguments")
     kw.update(cfg.extra_args)
     return TrainingArguments(**kw), lr, wd, bool(bf16)
 

@@ -58,6 +58,7 @@ def _add_config_args(p) -> None:
 
 def config_from_args(args):
     from ..cli import load_options
+    from ..errors import UsageError
     from .retrain import RetrainConfig
 
     kw = {}
@@ -68,7 +69,16 @@ def config_from_args(args):
     kw["bf16"] = {"auto": None, "on": True, "off": False}[args.bf16]
     if isinstance(kw["lora_targets"], str) and "," in kw["lora_targets"]:
         kw["lora_targets"] = [t for t in kw["lora_targets"].split(",") if t]
-    return RetrainConfig(**kw, load=load_options(args))
+    extra = {}
+    for item in args.trainer_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--trainer-arg expects KEY=VALUE, got {item!r}")
+        try:
+            extra[key] = json.loads(value)  # numbers, booleans, JSON objects
+        except json.JSONDecodeError:
+            extra[key] = value  # plain strings (paths, 'full_shard auto_wrap')
+    return RetrainConfig(**kw, load=load_options(args), extra_args=extra)
 
 
 def register(sub, groups) -> None:
@@ -79,6 +89,13 @@ def register(sub, groups) -> None:
     p.add_argument("--out", required=True, help="output checkpoint directory (appears only when complete)")
     p.add_argument("--force", action="store_true", help="replace an existing output (and stale checkpoints)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--trainer-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any TrainingArguments field, e.g. deepspeed=ds.json or fsdp='full_shard auto_wrap' (repeatable)",
+    )
     _add_config_args(p)
     add_load_args(p)
     p.set_defaults(func=cmd_retrain)
