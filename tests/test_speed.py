@@ -10,6 +10,7 @@ import torch
 
 from shortened.cli import main
 from shortened.converter.width import count_params, count_params_of_config, plan_width, width_prune, width_prune_model
+from shortened.errors import UsageError
 from shortened.validators.speed import build_rows, flops_per_token, ideal_speedup, pairwise_speedups, summarize
 
 
@@ -145,8 +146,6 @@ def test_width_pruning_drops_exactly_the_least_magnitude_parts(tiny_models):
 def test_width_plan_rejects_impossible_targets(tiny_models):
     from transformers import AutoConfig
 
-    from shortened.errors import UsageError
-
     cfg = AutoConfig.from_pretrained(tiny_models["llama"])
     with pytest.raises(UsageError, match="not below"):
         plan_width(cfg, count_params_of_config(cfg) + 1)
@@ -235,19 +234,26 @@ def _with_layers(config, n):
     return cfg
 
 
-def test_bench_onnxruntime_exports_and_runs(tiny_models, tmp_path):
-    from shortened.converter.steps import prune
+def test_bench_onnxruntime_runs_given_exports(tiny_models, tmp_path):
+    """The onnxruntime path end to end with one export (exports cost most of this test): the model against itself."""
+    from shortened.exporters.onnx import export_onnx
     from shortened.validators.speed import bench
 
     src = tiny_models["llama"]
-    prune(str(src), tmp_path / "cand", blocks=[1, 2], no_protect=True, progress=False)
-    rep = bench(str(src), str(tmp_path / "cand"), backend="onnxruntime", batch_sizes=(1,), prompt_len=6, new_tokens=3,
-                repeats=2, warmup=1, threads=1, work_dir=tmp_path / "work", progress=False)  # fmt: skip
-    assert (tmp_path / "work" / "candidate-onnx" / "model.onnx").is_file()
+    export_onnx(str(src), tmp_path / "onnx", progress=False)
+    onnx = {"original": tmp_path / "onnx", "candidate": tmp_path / "onnx"}
+    rep = bench(str(src), str(src), backend="onnxruntime", batch_sizes=(1, 2), prompt_len=6, new_tokens=3, repeats=2,
+                warmup=1, threads=1, onnx_dirs=onnx, work_dir=tmp_path / "work", progress=False)  # fmt: skip
+    assert not (tmp_path / "work" / "candidate-onnx").exists()  # the given export was used
     for m in rep.models.values():
         assert m["providers"] == ["CPUExecutionProvider"] and m["kind"] == "onnxruntime"
-    row = rep.row(1, "candidate")
-    assert len(row["decode_speedups"]) == 2 and row["tokens_per_s"]["median"] > 0
-    assert rep.models["candidate"]["ideal_decode_speedup"] == pytest.approx(
-        ideal_speedup(str(src), str(tmp_path / "cand"), context=6 + 3 // 2)
-    )
+    for b in (1, 2):
+        row = rep.row(b, "candidate")
+        assert len(row["decode_speedups"]) == 2 and row["tokens_per_s"]["median"] > 0
+    assert rep.models["candidate"]["ideal_decode_speedup"] == 1.0
+    with pytest.raises(UsageError, match="blocks"):  # an export that does not belong to the checkpoint
+        pruned = tmp_path / "cand"
+        from shortened.converter.steps import prune
+
+        prune(str(src), pruned, blocks=[1], no_protect=True, progress=False)
+        bench(str(src), str(pruned), backend="onnxruntime", onnx_dirs=onnx, progress=False)

@@ -680,6 +680,14 @@ def bench(
     unknown = set(onnx) - {"original", "candidate", "width"}
     if unknown:
         raise UsageError(f"onnx_dirs names must be original, candidate or width; got {sorted(unknown)}")
+    for name, d in onnx.items():
+        if d is not None and name in paths:
+            from ..converter.families import num_blocks
+
+            have, want = num_blocks(_config(d)), num_blocks(_config(paths[name]))
+            if have != want:
+                raise UsageError(f"the ONNX export {d} has {have} blocks but the {name} checkpoint has {want}; "
+                                 "pass the export of that checkpoint")  # fmt: skip
     configs = {k: _config(v) for k, v in paths.items()}  # bad paths fail here, before any work
     if isinstance(width_baseline, (str, Path)):
         paths["width"] = str(width_baseline)
