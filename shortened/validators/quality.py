@@ -44,7 +44,11 @@ def read_text(source: str) -> str:
                 f"the named source {source} needs `datasets` (pip install datasets), or pass a file"
             ) from e
         name, config, split, field = NAMED_SOURCES[source]
-        ds = datasets.load_dataset(name, config, split=split)
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # offline or hub trouble: one line, and the way around it
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"cannot load {source} ({name}) from the Hugging Face hub: {msg}; pass a text file") from e
         return "\n\n".join(ds[field]) if source == "wikitext2" else " ".join(ds[field])
     raise UsageError(f"text source {source} not found: pass a text file or one of {', '.join(NAMED_SOURCES)}")
 
