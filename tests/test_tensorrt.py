@@ -170,6 +170,8 @@ def test_preflight_range_consistency(tmp_path, tiny_onnx):
     assert probs == ["--seq max 4096 exceeds the model's max_position_embeddings 512; lower --seq"]
     with pytest.raises(UsageError, match="max_position_embeddings 512"):  # read from the export directory
         T.export_tensorrt(tiny_onnx, tmp_path / "e", seq=(1, 128, 4096), check_only=True)
+    with pytest.raises(UsageError, match="min <= opt <= max"):
+        T.derive_profile(path, batch=(1, 8, 4))
     with pytest.raises(UsageError, match="MIN:OPT:MAX"):
         T.parse_range("1:2", "seq")
     assert T.parse_range("8") == (8, 8, 8)

@@ -193,7 +193,10 @@ def derive_profile(onnx_path, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, opt_phase: s
     Named dims map to ranges as the module docstring says; static dims stay fixed. Raises UsageError for a dim
     that maps to no range and for a static dim the ranges cannot meet.
     """
-    profile, problems = _derive(model if model is not None else _load_onnx(onnx_path), batch, seq, opt_phase)
+    batch, seq = parse_range(batch, "batch"), parse_range(seq, "seq")
+    problems = check_ranges(batch, seq)
+    if not problems:
+        profile, problems = _derive(model if model is not None else _load_onnx(onnx_path), batch, seq, opt_phase)
     if problems:
         raise UsageError("; ".join(problems))
     return profile
