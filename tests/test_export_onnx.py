@@ -106,8 +106,10 @@ def same_greedy(results) -> bool:
 # fp32 parity, every family
 
 
-@pytest.mark.parametrize("family,keep", [("llama", 6), ("llama", 3), ("mistral", 2), ("qwen2", 2), ("qwen3", 2),
-                                         ("gemma2", 2), ("phi3", 2), ("gpt2", 2)])  # fmt: skip
+# one block per family beyond the full and pruned llama (export time grows with blocks); gemma2 keeps a sliding and a
+# full-attention block
+@pytest.mark.parametrize("family,keep", [("llama", 6), ("llama", 2), ("mistral", 1), ("qwen2", 1), ("qwen3", 1),
+                                         ("gemma2", 2), ("phi3", 1), ("gpt2", 1)])  # fmt: skip
 def test_fp32_matches_pytorch(exported, family, keep):
     src, out, summary = exported(family, keep)
     assert summary["num_layers"] == keep == num_blocks(json_config(src))
@@ -123,40 +125,36 @@ def json_config(path):
 
 
 def test_layout_is_optimums(exported):
-    src, out, summary = exported("llama", 3)
+    src, out, summary = exported("llama", 2)
     m = onnx.load(str(out / X.ONNX_FILE), load_external_data=False)
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.input}
     dims.update({v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.output})
     assert dims["input_ids"] == ["batch_size", "sequence_length"]
     assert dims["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
     assert dims["position_ids"] == ["batch_size", "sequence_length"]
-    assert dims["past_key_values.2.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert dims["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
     assert dims["present.0.key"] == ["batch_size", 2, "past_sequence_length + sequence_length", 16]
     assert dims["logits"] == ["batch_size", "sequence_length", 256]
-    assert [v.name for v in m.graph.output] == ["logits"] + X.kv_names(3)[1]
+    assert [v.name for v in m.graph.output] == ["logits"] + X.kv_names(2)[1]
     for f in ("config.json", "generation_config.json", "tokenizer.json", "genai_config.json", "export.json"):
         assert (out / f).is_file(), f
     rec = json.loads((out / "export.json").read_text())
-    assert rec["precision"] == "fp32" and rec["num_layers"] == 3 and rec["exporter"] == "torch"
+    assert rec["precision"] == "fp32" and rec["num_layers"] == 2 and rec["exporter"] == "torch"
     assert rec["nodes"] > 0 and rec["size_bytes"] > 0 and rec["external_data"] and "torch" in rec["versions"]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["num_hidden_layers"] == 3 and cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"]
+    assert cfg["num_hidden_layers"] == 2 and cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"]
     genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
-    assert genai["num_hidden_layers"] == 3 and genai["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert genai["num_hidden_layers"] == 2 and genai["inputs"]["past_key_names"] == "past_key_values.%d.key"
 
 
-def test_single_token_prefill_and_no_cache(exported):
-    src, out, _ = exported("llama", 3)
+def test_single_token_prefill(exported):
+    src, out, _ = exported("llama", 2)
     res = run_both(src, out, prompt_len=1, pad=0, steps=1)  # empty past, one token
     assert max_diff(res) < TOL
-    src, out, summary = exported("llama", 3, cache=False)
-    assert summary["inputs"] == ["input_ids", "attention_mask", "position_ids"] and summary["outputs"] == ["logits"]
-    a, b, real = run_both(src, out, steps=0)[0]
-    assert float(np.abs(a - b)[real].max()) < TOL
 
 
 def test_fp16_export_runs(exported):
-    src, out, summary = exported("llama", 2, precision="fp16")
+    src, out, summary = exported("llama", 1, precision="fp16")
     m = onnx.load(str(out / X.ONNX_FILE), load_external_data=False)
     types = {i.name: i.type.tensor_type.elem_type for i in [*m.graph.input, *m.graph.output]}
     assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
@@ -170,7 +168,7 @@ def test_fp16_export_runs(exported):
 
 
 def test_optimize_keeps_padded_parity(exported):
-    src, out, summary = exported("llama", 2, optimize=True)
+    src, out, summary = exported("llama", 1, optimize=True)
     info = summary["optimize"]
     assert info["nodes_after"] < info["nodes_before"] and info["fused"]
     assert info["padded_rel_diff"] <= 1e-3
@@ -182,7 +180,7 @@ def test_padded_batch_check_catches_a_mask_ignoring_graph(exported, tmp_path):
     """The export-time check that guards --optimize must see a graph that ignores attention_mask."""
     import onnx_ir
 
-    src, out, _ = exported("llama", 3)
+    src, out, _ = exported("llama", 2)
     m = onnx_ir.load(out / X.ONNX_FILE)
     mask = m.graph.inputs[1]
     ones = onnx_ir.node("ConstantOfShape", [onnx_ir.node("Shape", [mask]).outputs[0]],
@@ -199,11 +197,21 @@ def test_padded_batch_check_catches_a_mask_ignoring_graph(exported, tmp_path):
     assert X.padded_batch_check(out / X.ONNX_FILE, bad / X.ONNX_FILE, json_config(src)) > 1e-2
 
 
-def test_external_data_threshold_and_2gb_guard(exported, tmp_path, monkeypatch):
+def test_no_cache_cli_external_data_and_2gb_guard(pruned, tmp_path, capsys, monkeypatch):
     import onnx_ir
 
-    _, out, _ = exported("llama", 3, cache=False)
+    src, out = pruned("llama", 1), tmp_path / "cli"
+    assert main(["export", "onnx", str(src), "--out", str(out), "--no-cache", "--opset", "19"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["opset"] == 19 and not summary["cache"] and summary["external_data"]
+    assert summary["inputs"] == ["input_ids", "attention_mask", "position_ids"] and summary["outputs"] == ["logits"]
+    a, b, real = run_both(src, out, steps=0)[0]
+    assert float(np.abs(a - b)[real].max()) < TOL
+    assert main(["export", "onnx", str(src), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
     m = onnx_ir.load(out / X.ONNX_FILE)
+    weights = sum(v.const_value.nbytes for v in m.graph.initializers.values() if v.const_value.nbytes >= 1024)
     one = tmp_path / "inline" / X.ONNX_FILE
     one.parent.mkdir()
     assert not X._save(m, one, threshold=None)  # small: a single file
@@ -211,11 +219,18 @@ def test_external_data_threshold_and_2gb_guard(exported, tmp_path, monkeypatch):
     forced = tmp_path / "forced" / X.ONNX_FILE
     forced.parent.mkdir()
     assert X._save(m, forced, threshold=None)
-    assert forced.stat().st_size < one.stat().st_size / 10
+    assert (forced.parent / X.DATA_FILE).stat().st_size >= weights
     s1, s2 = session(one.parent), session(forced.parent)
     feed = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
             "position_ids": np.array([[0, 1, 2]])}  # fmt: skip
     np.testing.assert_array_equal(s1.run(None, feed)[0], s2.run(None, feed)[0])
+
+
+def test_bf16_export_writes_bf16_weights(exported):
+    _, out, summary = exported("llama", 1, precision="bf16", cache=False)
+    m = onnx.load(str(out / X.ONNX_FILE), load_external_data=False)
+    assert {t.data_type for t in m.graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.BFLOAT16}
+    assert summary["precision"] == "bf16"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,14 +241,15 @@ def test_genai_generates_pytorch_tokens(exported):
     og = pytest.importorskip("onnxruntime_genai")
     from transformers import AutoModelForCausalLM
 
-    src, out, _ = exported("llama", 3)
+    src, out, _ = exported("llama", 2)
     prompt = [5, 9, 17, 33, 65]
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    params = og.GeneratorParams(og.Model(str(out)))
+    genai_model = og.Model(str(out))
+    params = og.GeneratorParams(genai_model)
     params.set_search_options(max_length=len(prompt) + 8, min_length=len(prompt) + 8, do_sample=False)
-    gen = og.Generator(og.Model(str(out)), params)
+    gen = og.Generator(genai_model, params)
     gen.append_tokens(prompt)
     while not gen.is_done():
         gen.generate_next_token()
@@ -242,19 +258,6 @@ def test_genai_generates_pytorch_tokens(exported):
 
 # ---------------------------------------------------------------------------------------------
 # CLI and bad input
-
-
-def test_cli_exports_bf16_and_refuses_existing(pruned, tmp_path, capsys):
-    src = pruned("llama", 2)
-    out = tmp_path / "cli"
-    args = ["export", "onnx", str(src), "--out", str(out), "--no-cache", "--precision", "bf16", "--opset", "19"]
-    assert main(args) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["opset"] == 19 and not summary["cache"] and summary["precision"] == "bf16"
-    m = onnx.load(str(out / X.ONNX_FILE), load_external_data=False)
-    assert {t.data_type for t in m.graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.BFLOAT16}
-    assert main(["export", "onnx", str(src), "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -272,7 +275,11 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_models, tmp_path, capsys, args, m
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     args = [a.format(tiny=tiny_models["llama"], unsupported=bad) for a in args]
-    assert main(["export", "onnx", *args, "--out", str(tmp_path / "o")]) == 2
+    try:
+        code = main(["export", "onnx", *args, "--out", str(tmp_path / "o")])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()

@@ -15,7 +15,7 @@ def register(sub, groups) -> None:
     p.add_argument("--optimize", action="store_true", help="onnxruntime fusions, kept only if padded batches match")
     p.add_argument("--exporter", default="torch", choices=["torch", "optimum"], help="torch.onnx (dynamo) or Optimum")
     p.add_argument("--external-data-threshold", type=int, default=1024, metavar="BYTES",
-                   help="tensors of BYTES or more go to model.onnx.data (-1: one file unless over 2 GB)")  # fmt: skip
+                   help="tensors of BYTES (>= 1024) or more go to model.onnx.data (-1: one file, < 2 GB)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights; off: safetensors only")

@@ -43,6 +43,7 @@ RECORD_FILE = "export.json"
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 EXPORTERS = ("torch", "optimum")
 MIN_OPSET = 18  # the dynamo exporter's floor
+MIN_EXTERNAL_BYTES = 1024  # smaller tensors always stay in model.onnx
 PROTOBUF_LIMIT = 2**31 - 1  # a single ONNX protobuf cannot exceed 2 GB: larger models must use external data
 # Optimum's dim names
 BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
@@ -130,6 +131,8 @@ def _trace(model, cache: bool, opset: int | None):
     args, dims = _example_inputs(model.config, model.dtype, cache)
     past_names, present_names = kv_names(n_layers) if cache else ([], [])
     kwargs = dict(opset_version=opset) if opset else {}
+    if not log.isEnabledFor(logging.INFO):  # torch.onnx's own notices (e.g. "torchvision is not installed")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(
             _wrapper(model, cache), args, dynamic_shapes=dims, dynamo=True, verbose=False,
@@ -257,16 +260,19 @@ def _weight_bytes(model) -> int:
 
 
 def _save(model, path: Path, threshold: int | None) -> bool:
-    """Save with weights of `threshold` bytes or more in model.onnx.data; external data is forced above 2 GB."""
+    """Save with tensors of `threshold` (at least 1024) bytes or more in model.onnx.data; None: one file, unless the
+    weights exceed what one protobuf holds (2 GB), where external data is forced."""
     import onnx_ir
 
     for p in (path, path.with_name(DATA_FILE)):
         p.unlink(missing_ok=True)
     external = threshold is not None or _weight_bytes(model) > PROTOBUF_LIMIT
     if external:
-        onnx_ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=threshold or 0)
-    else:
-        onnx_ir.save(model, path)
+        # small tensors (shape constants) stay inline: onnxruntime's shape inference cannot read them from a file
+        size = max(threshold or 0, MIN_EXTERNAL_BYTES)
+        onnx_ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=size)
+    else:  # weights that still live in another file (a loaded model) come into memory first
+        onnx_ir.save(onnx_ir.external_data.load_to_model(model), path)
     return path.with_name(DATA_FILE).is_file()
 
 
@@ -378,17 +384,19 @@ def export_onnx(
     precision: fp32 | fp16 | bf16 (the weights, the compute and the KV cache; logits stay float32).
     opset: ONNX opset (default: the exporter's). cache: KV-cache graph (True) or a plain logits graph.
     optimize: onnxruntime fusions, kept only if they keep padded-batch parity. exporter: torch | optimum.
-    external_data_threshold: tensors of this many bytes or more go to model.onnx.data (None: one file, unless the
-    weights exceed 2 GB). load: LoadOptions for loading (its dtype is replaced by `precision`).
+    external_data_threshold: tensors of this many bytes (>= 1024) or more go to model.onnx.data (None: one file,
+    unless the weights exceed 2 GB). load: LoadOptions for loading (its dtype is replaced by `precision`).
     """
     from tqdm import tqdm
 
-    from ..converter.loading import Loaded, LoadOptions, load_model, torch_dtype
+    from ..converter.loading import Loaded, LoadOptions, load_config, load_model, torch_dtype
     from ..io import atomic_dir, check_output_dir, write_json
 
     _check_args(precision, opset, exporter, optimize, external_data_threshold)
     source = model.source if isinstance(model, Loaded) else str(model)
     check_output_dir(out, force, inputs=(source,))
+    if not isinstance(model, Loaded):
+        load_config(str(model), (load or LoadOptions()).trust_remote_code)  # missing or unsupported: fail here
     t0 = time.perf_counter()
     if exporter == "optimum":
         return _export_optimum(model, out, precision, opset, cache, optimize, force, external_data_threshold, t0)
@@ -401,12 +409,15 @@ def export_onnx(
         stage("load")
         opts = LoadOptions(**{**vars(load or LoadOptions()), "dtype": PRECISIONS[precision], "device": "cpu"})
         loaded = load_model(str(model), opts)
-    torch_model, original_dtype = loaded.model, loaded.model.dtype
+    torch_model = loaded.model
     if str(torch_model.device) != "cpu":
         raise UsageError(f"export needs the model on the CPU, it is on {torch_model.device}; load it with device=cpu")
     config = torch_model.config
     n_layers = cache_geometry(config)[0]
-    torch_model.to(dtype)
+    if torch_model.dtype != dtype:  # a caller's model in another dtype: convert a copy, never the caller's weights
+        import copy
+
+        torch_model = copy.deepcopy(torch_model).to(dtype)
     try:
         stage("trace")
         try:
@@ -429,7 +440,6 @@ def export_onnx(
             summary = _summary(staging, out, onnx_model, "torch", precision, cache, n_layers, t0, info, source)
             write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
     finally:
-        torch_model.to(original_dtype)
         bar.close()
     return summary
 
