@@ -9,6 +9,7 @@ TOLERANCE_FLAGS = {  # flag -> Tolerances field
     "--min-cosine": "min_cosine",
     "--min-top1": "min_top1",
     "--max-kl": "max_kl",
+    "--max-top1-gap": "max_top1_gap",
     "--min-gen-match": "min_gen_match",
 }
 

@@ -10,6 +10,9 @@ first step where the two greedy generations part (later steps would compare diff
 - max_abs / mean_abs: |onnx - torch| of the logits; max_rel: the same divided by |torch| (Polygraphy's reldiff)
 - cosine: the lowest cosine similarity between the two logit vectors of one position
 - top1: the fraction of positions whose argmax agrees
+- top1_gap: the largest logit gap, under the torch model, between its top token and the one onnx picked (0 where
+  they agree). It is the tie-aware form of top-1 and generation agreement: a flip between two near-equal tokens
+  costs a gap near 0, a real error a large one. The step where the greedy generations part is compared, too.
 - kl: the largest KL(torch || onnx) between the two next-token distributions
 - generation: the first position where the N greedy tokens differ (N when identical); gen_match is its mean / N
 """
@@ -47,6 +50,7 @@ class Tolerances:
     min_cosine: float | None = None
     min_top1: float | None = None  # fraction of positions with the same argmax
     max_kl: float | None = None  # largest KL(torch || onnx) of one position's next-token distribution
+    max_top1_gap: float | None = None  # largest torch logit gap between torch's top token and onnx's pick
     min_gen_match: float | None = None  # mean over rows of (first differing greedy position) / new_tokens
 
     def check(self, m: dict) -> list[str]:
@@ -59,6 +63,7 @@ class Tolerances:
             ("min_cosine", "cosine", False),
             ("min_top1", "top1", False),
             ("max_kl", "kl", True),
+            ("max_top1_gap", "top1_gap", True),
             ("min_gen_match", "gen_match", False),
         ):
             tol = getattr(self, key)
@@ -71,13 +76,16 @@ class Tolerances:
         return fails
 
 
-# fp32: tight on the logits. fp16/bf16 are compared against the fp32 PyTorch model, and onnxruntime's CPU
-# provider does not really compute in half precision, so they are judged on what serving cares about: the same
-# top-1 token, a small KL between the next-token distributions, and the same greedy generation.
+# fp32: tight on the logits. Measured: tiny models differ by ~2e-6; SmolLM2 pruned to 24 blocks by up to 4e-4
+# (logits of magnitude ~20, KL 1e-9, every greedy token identical), so 1e-3 leaves a margin without letting a
+# changed weight through. fp16/bf16 are compared against the fp32 PyTorch model, and onnxruntime's CPU provider
+# does not really compute in half precision, so they are judged on what serving cares about: a small KL between
+# the next-token distributions and the same top-1 / greedy tokens except between near-equal candidates (top1_gap).
+# Raw top-1 and generation agreement are reported; gate them with min_top1 / min_gen_match where wanted.
 DEFAULT_TOLERANCES = {
-    "fp32": Tolerances(max_abs=1e-4, min_cosine=0.99999, min_top1=1.0, max_kl=1e-6, min_gen_match=1.0),
-    "fp16": Tolerances(min_cosine=0.999, min_top1=0.97, max_kl=2e-2, min_gen_match=0.75),
-    "bf16": Tolerances(min_cosine=0.99, min_top1=0.9, max_kl=1e-1, min_gen_match=0.5),
+    "fp32": Tolerances(max_abs=1e-3, min_cosine=0.99999, max_kl=1e-6, max_top1_gap=1e-3),
+    "fp16": Tolerances(min_cosine=0.999, max_kl=2e-2, max_top1_gap=0.1),
+    "bf16": Tolerances(min_cosine=0.99, max_kl=1e-1, max_top1_gap=0.3),
 }
 
 
@@ -120,6 +128,7 @@ class CaseResult:
     top1: float
     kl: float
     mean_kl: float
+    top1_gap: float
     prefill_max_abs: float
     decode_max_abs: float
     first_diff: list  # per row: first position where the greedy tokens differ, None when identical
@@ -165,14 +174,28 @@ class ParityReport:
         }
 
     def table(self) -> str:
-        head = ("case", "B", "L", "pos", "max_abs", "mean_abs", "max_rel", "cos_min", "top1", "kl_max", "gen", "result")
+        head = (
+            "case",
+            "B",
+            "L",
+            "pos",
+            "max_abs",
+            "mean_abs",
+            "max_rel",
+            "cos_min",
+            "top1",
+            "gap",
+            "kl_max",
+            "gen",
+            "result",
+        )
         rows = [head]
         for c in self.cases:
             worst = min(d if d is not None else c.new_tokens for d in c.first_diff)
             rows.append(
                 (
                     c.name, str(c.batch), str(c.seq_len), str(c.positions), f"{c.max_abs:.2e}", f"{c.mean_abs:.2e}",
-                    f"{c.max_rel:.2e}", f"{c.cosine:.7f}", f"{c.top1:.4f}", f"{c.kl:.2e}",
+                    f"{c.max_rel:.2e}", f"{c.cosine:.7f}", f"{c.top1:.4f}", f"{c.top1_gap:.1e}", f"{c.kl:.2e}",
                     f"{worst}/{c.new_tokens}", "ok" if c.passed else "FAIL",
                 )
             )  # fmt: skip
@@ -275,6 +298,8 @@ def compare(ref, got, mask: np.ndarray, new_tokens: int) -> dict:
     cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
     la, lb = _log_softmax(a), _log_softmax(b)
     kl = (np.exp(la) * (la - lb)).sum(-1)
+    rows = np.arange(len(a))
+    gap = a[rows, a.argmax(-1)] - a[rows, b.argmax(-1)]
     nan = float("nan")
     return dict(
         positions=len(a),
@@ -285,6 +310,7 @@ def compare(ref, got, mask: np.ndarray, new_tokens: int) -> dict:
         top1=float((a.argmax(-1) == b.argmax(-1)).mean()),
         kl=float(kl.max()),
         mean_kl=float(kl.mean()),
+        top1_gap=float(gap.max()),
         prefill_max_abs=float(diff[:n_prefill].max()),
         decode_max_abs=float(diff[n_prefill:].max()) if len(a) > n_prefill else nan,
         first_diff=first_diff,
