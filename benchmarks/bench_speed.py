@@ -89,6 +89,10 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     args = p.parse_args()
     args.blocks = [int(x) for x in args.blocks.split(",") if x]
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        sys.exit("this benchmark compares against onnxruntime-genai: pip install onnxruntime-genai==0.18.0")
 
     from shortened.validators.speed import ModelSpec, build_rows, ideal_speedup, measure, pairwise_speedups
 
