@@ -156,7 +156,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
         raise UsageError(f"{path} is not valid TOML: {e}") from e
     flat: dict = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key not in FIELDS:
+        if isinstance(value, dict) and not isinstance(getattr(ConvertConfig(), key, None), dict):  # a section
             for k, v in value.items():
                 flat[k] = v
         else:

@@ -101,3 +101,13 @@ def test_invalid_config_fails_before_any_work(tiny8, texts, tmp_path, capsys):
     code = main(["convert", "--config", str(toml), "--out", str(out)])
     assert code == 2 and "must be a number" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".o.partial*"))
+
+
+def test_example_config_sections_only_group_keys():
+    from conftest import REPO
+
+    from shortened.pipeline import load_config_file, make_config
+
+    cfg = make_config(load_config_file(REPO / "examples" / "smollm2.toml"))
+    assert cfg.criterion == "ppl" and cfg.ratio == 0.2 and cfg.num_samples == 10 and cfg.seq_len == 128
+    assert cfg.speed is True and cfg.batch_sizes == [1, 8] and cfg.width_baseline is True
