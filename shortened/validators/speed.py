@@ -264,7 +264,9 @@ _MEASURES = {"hf-generate": _HFGenerateMeasure, "genai": _GenaiMeasure}
 
 
 def _gpu_peak(spec: ModelSpec):
-    if spec.device == "cpu":
+    """Peak device memory allocated through torch: the whole model for torch, the I/O and cache buffers for
+    TensorRT (its engine's own memory is not counted); onnxruntime's CUDA arena is not visible here (None)."""
+    if spec.device == "cpu" or spec.kind not in ("torch", "hf-generate", "tensorrt"):
         return None
     try:
         import torch
