@@ -207,12 +207,17 @@ def test_bad_inputs(tiny_models, text_file, tmp_path):
 def test_retrain_cli(tiny_models, text_file, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["retrain", str(tiny_models["llama"]), "--out", str(out), "--data", str(text_file), "--method", "lora"]
-    rc = main([*argv, "--max-steps", "2", "--seq-len", "32", "--eval-steps", "2", "--lora-rank", "4", "--no-progress"])
+    rc = main([*argv, "--max-steps", "2", "--seq-len", "32", "--eval-steps", "2", "--lora-rank", "4", "--no-progress",
+               "--trainer-arg", "max_grad_norm=0.5"])  # fmt: skip
     assert rc == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["steps"] == 2 and printed["method"] == "lora"
-    assert json.loads((out / "retraining.json").read_text())["hyperparameters"]["lora_rank"] == 4
+    saved = json.loads((out / "retraining.json").read_text())
+    assert saved["hyperparameters"]["lora_rank"] == 4 and saved["config"]["extra_args"] == {"max_grad_norm": 0.5}
     assert main([*argv, "--max-steps", "2"]) == 2  # the output exists: exit 2, nothing replaced
+    other = ["retrain", str(tiny_models["llama"]), "--out", str(tmp_path / "o2"), "--data", str(text_file)]
+    assert main([*other, "--seq-len", "32", "--trainer-arg", "no_such_field=1"]) == 2
+    assert main([*other, "--trainer-arg", "novalue"]) == 2
     with pytest.raises(SystemExit) as e:
         main(["retrain", str(tiny_models["llama"]), "--out", str(out), "--method", "qlora"])
     assert e.value.code == 2

@@ -343,8 +343,8 @@ def retrain(
     total = sum(p.numel() for p in net.parameters())
     log.info("training %d of %d parameters (%s)", trainable, total, cfg.method)
 
-    work.mkdir(parents=True, exist_ok=True)
     args, lr, wd, bf16 = _training_args(cfg, work, has_val=bool(val_ex))
+    work.mkdir(parents=True, exist_ok=True)
     args.disable_tqdm = not progress
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     common = dict(
