@@ -526,6 +526,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
                 device="cuda" if cfg.device != "cpu" else "cpu",
                 precision=cfg.precision,
                 optimize=cfg.optimize,
+                onnx_dirs={"candidate": str(work / "onnx")} if cfg.speed_backend == "onnxruntime" else None,
                 work_dir=work / "speed-work",
                 report=work / "speed.json",
                 plot=work / "speed.png",
