@@ -80,7 +80,7 @@ def test_tolerances_fail_on_nan_and_accept_overrides():
         "max_abs",
         "cosine",
     ]
-    assert tol.check({**good, "top1_gap": 0.5}) == ["top1_gap 0.5 > 0.001"]
+    assert tol.check({**good, "top1_gap": 0.5}) == ["top1_gap 0.5 > 0.004"]
     assert tol.check({**good, "top1": 0.5, "gen_match": 0.5}) == []  # raw agreement: reported, gated on request
     strict = tolerances_for("fp32", {"min_gen_match": 1, "min_top1": 1})
     assert strict.check({**good, "top1": 0.5, "gen_match": 0.5}) == ["top1 0.5 < 1", "gen_match 0.5 < 1"]
@@ -256,7 +256,7 @@ def test_fp16_export_passes_fp16_tolerances(exported):
 @pytest.mark.integration
 def test_smollm2_pruned_to_24_blocks(smollm2_24_onnx, tmp_path, capsys):
     pruned, onnx_dir = smollm2_24_onnx
-    r = validate_parity(str(pruned), onnx_dir, batch_sizes=(1, 2), seq_lens=(5, 40), new_tokens=32, progress=False)
+    r = validate_parity(str(pruned), onnx_dir, batch_sizes=(1, 2), seq_lens=(40,), new_tokens=32, progress=False)
     with capsys.disabled():
         print("\nSmolLM2 pruned to 24 blocks, fp32 ONNX vs PyTorch:\n" + r.table())
     assert r.passed, r.table()

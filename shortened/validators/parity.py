@@ -76,14 +76,16 @@ class Tolerances:
         return fails
 
 
-# fp32: tight on the logits. Measured: tiny models differ by ~2e-6; SmolLM2 pruned to 24 blocks by up to 4e-4
-# (logits of magnitude ~20, KL 1e-9, every greedy token identical), so 1e-3 leaves a margin without letting a
-# changed weight through. fp16/bf16 are compared against the fp32 PyTorch model, and onnxruntime's CPU provider
+# fp32: tight on the logits. Measured on CPU: tiny models differ by ~2e-6; SmolLM2 pruned to 24 blocks by up to
+# 6.9e-4 (logits of magnitude ~20, i.e. ~3e-5 relative; KL < 4e-9; every greedy token identical), so 2e-3 leaves a
+# margin for longer prompts, while one changed weight moves the logits by ~1. A top-1 flip is excused only
+# between tokens within 4e-3 (twice max_abs): nothing an fp32 difference of that size could not swap.
+# fp16/bf16 are compared against the fp32 PyTorch model, and onnxruntime's CPU provider
 # does not really compute in half precision, so they are judged on what serving cares about: a small KL between
 # the next-token distributions and the same top-1 / greedy tokens except between near-equal candidates (top1_gap).
 # Raw top-1 and generation agreement are reported; gate them with min_top1 / min_gen_match where wanted.
 DEFAULT_TOLERANCES = {
-    "fp32": Tolerances(max_abs=1e-3, min_cosine=0.99999, max_kl=1e-6, max_top1_gap=1e-3),
+    "fp32": Tolerances(max_abs=2e-3, min_cosine=0.99999, max_kl=1e-6, max_top1_gap=4e-3),
     "fp16": Tolerances(min_cosine=0.999, max_kl=2e-2, max_top1_gap=0.1),
     "bf16": Tolerances(min_cosine=0.99, max_kl=1e-1, max_top1_gap=0.3),
 }
@@ -260,6 +262,8 @@ def read_prompt_ids(tokenizer, prompts_file, min_tokens: int, max_chars: int = 2
         if path is None:
             return None, "no prompt text found (pass --prompts FILE): random token ids only"
     if tokenizer is None:
+        if prompts_file is None:
+            return None, "the reference has no tokenizer: random token ids only"
         raise UsageError(f"the reference model has no tokenizer, so the prompts in {path} cannot be tokenized")
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read(max_chars)
