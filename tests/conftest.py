@@ -59,7 +59,7 @@ def make_tiny(model_type: str, path: Path, layers: int = 6, seed: int = 0) -> Pa
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers))
     # random init is near-uniform; scale the weights up so blocks differ and logits are not flat
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(4.0)
     model.eval()
