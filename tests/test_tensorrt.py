@@ -287,3 +287,10 @@ def test_engine_build_parity_and_speed(gpu, precision, tmp_path_factory, capsys)
         speed = f"prefill {gen.prefill_s * 1000:.2f} ms, {63 / sum(gen.decode_s):.0f} decode tok/s"
         print(f"\nTensorRT {precision}: max|d| {m['max_abs']:.2e}, kl {m['kl']:.1e}; {speed} on {trt.providers()[1]}")
     trt.close()
+
+
+def test_validate_parity_backend_tensorrt_without_tensorrt_is_exit_2(tmp_path, capsys):
+    from shortened.cli import main
+
+    code = main(["validate", "parity", "--reference", str(tmp_path), "--onnx", str(tmp_path), "--backend", "tensorrt"])
+    assert code == 2 and "--engine" in capsys.readouterr().err

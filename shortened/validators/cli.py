@@ -32,6 +32,9 @@ def register(sub, groups) -> None:
     p.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
                    help="onnxruntime execution provider (auto: CUDA where present, else CPU)")  # fmt: skip
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="tensorrt: run the --engine built from --onnx instead of onnxruntime")  # fmt: skip
+    p.add_argument("--engine", help="TensorRT engine directory from `shortened export tensorrt` (--backend tensorrt)")
     p.add_argument("--report", help="write the JSON report here")
     g = p.add_argument_group("tolerances (override the precision's defaults; 'none' turns a gate off)")
     for flag, name in TOLERANCE_FLAGS.items():
@@ -49,6 +52,14 @@ def _float_or_none(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _engine(args):
+    from ..errors import UsageError
+
+    if args.backend == "tensorrt" and not args.engine:
+        raise UsageError("--backend tensorrt needs --engine DIR (build it with `shortened export tensorrt`)")
+    return args.engine if args.backend == "tensorrt" else None
 
 
 def cmd_parity(args) -> int:
@@ -74,6 +85,7 @@ def cmd_parity(args) -> int:
         seed=args.seed,
         provider=None if args.provider == "auto" else args.provider,
         threads=args.threads,
+        engine=_engine(args),
         load=load_options(args),
     )
     print(report.table())

@@ -363,6 +363,7 @@ def validate_parity(
     seed: int = 0,
     provider: str | None = None,
     threads: int | None = None,
+    engine: str | Path | None = None,
     load=None,
     progress: bool = True,
 ) -> ParityReport:
@@ -371,7 +372,8 @@ def validate_parity(
     reference: a model directory / hub id / GGUF file (loaded in fp32 unless `load` says otherwise), or a
     converter.loading.Loaded. precision: the export's (None: read export.json). tolerances: a Tolerances, or a
     dict of fields overriding the precision's defaults. provider: cpu, cuda, tensorrt (None: CUDA where present,
-    else CPU). The report names the execution providers that actually ran.
+    else CPU). engine: a TensorRT engine directory built from this export (`shortened export tensorrt`), run by the
+    TensorRT runner instead of onnxruntime. The report names the execution providers that actually ran.
     """
     from tqdm.auto import tqdm
 
@@ -393,7 +395,13 @@ def validate_parity(
         ref_name = str(reference)
         load_config(ref_name)  # a missing model or an unsupported architecture fails before any weights load
         loaded = None
-    runner = load_ort_runner(onnx_path, provider, threads)
+    if engine is not None:  # a TensorRT engine built from this export, compared by the same metrics
+        from .runners.tensorrt import TrtRunner
+
+        runner = TrtRunner(engine)
+        runner.has_cache = runner.num_layers > 0
+    else:
+        runner = load_ort_runner(onnx_path, provider, threads)
     onnx_cfg_path = onnx_path.parent / "config.json"
     if loaded is None:
         loaded = load_model(ref_name, load)
