@@ -99,3 +99,22 @@ def fingerprint_path(path: str | os.PathLike) -> dict:
         h.update(str(p.relative_to(path)).encode())
         h.update(sha256_file(p).encode())
     return {"path": str(path), "sha256": h.hexdigest(), "files": len(files)}
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """One JSON object per line (blank lines skipped); a bad line is a UsageError naming file and line."""
+    path = Path(path)
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line expected") from e
+        if not isinstance(rec, dict):
+            raise UsageError(f"{path}:{n} is not a JSON object; one object per line expected")
+        rows.append(rec)
+    if not rows:
+        raise UsageError(f"{path} holds no records")
+    return rows

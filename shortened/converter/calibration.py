@@ -5,7 +5,6 @@ The paper's protocol is the default: 10 samples of 128 tokens.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ class CalibBatch:
 
 def _read_texts(spec: CalibSpec) -> tuple[list[str], bool, dict]:
     """Return (texts, one_sample_per_text, provenance)."""
-    from ..io import sha256_file
+    from ..io import read_jsonl, sha256_file
 
     if spec.source.startswith("hf:"):
         try:
@@ -61,18 +60,10 @@ def _read_texts(spec: CalibSpec) -> tuple[list[str], bool, dict]:
     prov = {"file": str(path), "sha256": sha256_file(path)}
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line expected") from e
-            if not isinstance(rec, dict) or spec.text_field not in rec:
-                raise UsageError(f"{path}:{n} has no field {spec.text_field!r}; set --text-field")
+        for n, rec in enumerate(read_jsonl(path), 1):
+            if spec.text_field not in rec:
+                raise UsageError(f"{path}: record {n} has no field {spec.text_field!r}; set --text-field")
             texts.append(str(rec[spec.text_field]))
-        if not texts:
-            raise UsageError(f"{path} holds no records")
         return texts, True, prov
     return [path.read_text(encoding="utf-8", errors="replace")], False, prov
 

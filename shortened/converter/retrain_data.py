@@ -7,7 +7,6 @@ local path). Every example is a dict of input_ids and labels (-100 where the los
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -30,26 +29,14 @@ ALPACA_PROMPT_NO_INPUT = (
 
 def read_records(source: str, split: str = "train", text_field: str = "text") -> tuple[list, dict]:
     """(records, provenance): records are strings (plain text) or dicts (JSONL rows / dataset rows)."""
-    from ..io import sha256_file
+    from ..io import read_jsonl, sha256_file
 
     path = Path(source)
     if path.is_file():
         prov = {"file": str(path), "sha256": sha256_file(path)}
         if path.suffix != ".jsonl":
             return [path.read_text(encoding="utf-8", errors="replace")], prov
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line expected") from e
-            if not isinstance(rec, dict):
-                raise UsageError(f"{path}:{n} is not a JSON object; one object per line expected")
-            rows.append(rec)
-        if not rows:
-            raise UsageError(f"{path} holds no records")
+        rows = read_jsonl(path)
         return rows, prov
     looks_local = source.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json")
     if looks_local and not source.startswith("hf:"):
