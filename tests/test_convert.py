@@ -30,7 +30,7 @@ def _args(model, out, calib, evalt, *extra):
         "convert", "--model", str(model), "--out", str(out), "--calib", str(calib), "--seq-len", "32",
         "--num-samples", "4", "--protect", "0,-1", "--ratio", "0.25", "--eval-text", str(evalt),
         "--eval-max-windows", "8", "--batch-sizes", "1,2", "--repeats", "1", "--prompt-len", "8", "--new-tokens", "4",
-        "--parity-new-tokens", "4", "--quiet", *extra,
+        "--parity-new-tokens", "4", "--speed-backend", "torch", "--quiet", *extra,
     ]  # fmt: skip
 
 
