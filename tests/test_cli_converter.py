@@ -27,6 +27,8 @@ def test_score_then_prune_from_scores(tiny_models, calib_file, tmp_path, capsys)
     assert data["criterion"] == "taylor" and len(data["scores"]) == 6 and data["removal_order"]
     assert data["calibration"]["num_samples"] == 4 and data["model"]["sha256"] == fingerprint_path(src)["sha256"]
     assert scores.with_suffix(".png").stat().st_size > 1000
+    code, out, err = run(capsys, "score", src, "--criterion", "magnitude", "--out", scores)
+    assert code == 2 and "already exists" in err and json.loads(scores.read_text())["criterion"] == "taylor"
     out_dir = tmp_path / "pruned"
     code, out, err = run(capsys, "prune", src, "--scores", scores, "--remove", 2, "--protect", "0,-1", "--out", out_dir)
     assert code == 0, err

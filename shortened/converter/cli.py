@@ -53,6 +53,7 @@ def register(sub, groups) -> None:
     p.add_argument("--out", default="scores.json", help="scores JSON (a PNG bar chart is written beside it)")
     p.add_argument("--remove", type=int, help="iterative mode: how many blocks to remove")
     p.add_argument("--ratio", type=float, help="iterative mode: fraction of blocks to remove")
+    p.add_argument("--force", action="store_true", help="replace an existing scores file")
     _add_score_args(p)
     _add_calib_args(p)
     add_load_args(p)
@@ -95,6 +96,7 @@ def cmd_score(args) -> int:
         args.micro_batch,
         load_options(args),
         out=args.out,
+        force=args.force,
     )
     print(json.dumps({"criterion": res.criterion, "removal_order": res.removal_order, "out": args.out}))
     return 0

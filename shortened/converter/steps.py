@@ -37,10 +37,11 @@ def score(
     out: str | Path | None = None,
     plot: bool = True,
     progress: bool = True,
+    force: bool = False,
 ) -> BlockScores:
     """Score every block of a model; optionally write scores.json (and scores.png beside it)."""
     if out is not None:
-        check_output_dir(out, force=True)
+        check_output_dir(out, force=force)
     if calib is not None:
         calib.validate()
     if isinstance(model, Loaded):
