@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-MODEL_DIR ?= $(HOME)/.cache/shortened/smollm2-135m-instruct
+MODEL_DIR ?= $(or $(SHORTENED_CACHE),$(HOME)/.cache/shortened)/smollm2-135m-instruct
 OUT ?= out/smollm2-shortened
 # Real text from ../shared/data where it exists (this project's machines); elsewhere Hugging Face datasets.
 SHARED ?= ../shared/data
