@@ -17,10 +17,15 @@ EVAL ?= $(if $(wildcard $(SHARED)/wikitext2/test.raw.txt),$(SHARED)/wikitext2/te
 VENV_OPT ?= .venv-optimum
 PY_OPT := $(VENV_OPT)/bin/python
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# .base: what `make demo` needs (the package, onnxruntime, matplotlib); .installed adds the test and optional extras
+$(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c constraints.txt -e ".[onnx,plot]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
@@ -43,7 +48,7 @@ test-optimum: setup setup-optimum
 lint: setup
 	$(VENV)/bin/ruff check shortened tests benchmarks
 
-fetch: setup
+fetch: $(VENV)/.base
 	$(VENV)/bin/shortened fetch smollm2
 
 test: setup lint setup-optimum
@@ -53,7 +58,7 @@ test: setup lint setup-optimum
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
-demo: setup fetch
+demo: fetch
 	$(VENV)/bin/shortened convert --config examples/smollm2.toml --model $(MODEL_DIR) --out $(OUT) \
 		--calib $(CALIB) --eval-text $(EVAL) --force
 
