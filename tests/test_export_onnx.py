@@ -167,13 +167,102 @@ def test_fp16_export_runs(exported):
     assert json.loads((out / "export.json").read_text())["precision"] == "fp16"
 
 
-def test_optimize_keeps_padded_parity(exported):
-    src, out, summary = exported("llama", 1, optimize=True)
+def test_optimize_generic_families_keep_padded_parity(exported):
+    """Families without the fused decoder get onnxscript's fusions on the generic graph, checked on padded batches."""
+    src, out, summary = exported("phi3", 1, optimize=True)
     info = summary["optimize"]
+    assert info["graph"] == "generic" and "not LLaMA-like" in info["fused_graph_not_used"]
     assert info["nodes_after"] < info["nodes_before"] and info["fused"]
     assert info["padded_rel_diff"] <= 1e-3
     res = run_both(src, out)
     assert max_diff(res) < 1e-3 and same_greedy(res)
+
+
+@pytest.mark.parametrize("family,keep", [("llama", 2), ("mistral", 1), ("qwen2", 1), ("qwen3", 1)])
+def test_optimize_fused_decoder_matches_pytorch(exported, family, keep):
+    """LLaMA-like families export as GroupQueryAttention graphs: a few nodes per layer, same logits as PyTorch on a
+    left-padded batch through prefill and decode, and a multi-token step on top of a cache."""
+    src, out, summary = exported(family, keep, optimize=True)
+    info = summary["optimize"]
+    assert info["graph"] == "fused" and info["fused"]["group_query_attention"] == keep
+    assert info["padded_rel_diff_vs_torch"] < 1e-5
+    m = onnx.load(str(out / X.ONNX_FILE), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("GroupQueryAttention") == keep and ops.count("RotaryEmbedding") == 2 * keep
+    assert ops.count("MatMul") == 5 * keep + 1  # packed QKV, o_proj, gate, up, down; the head
+    assert "Softmax" not in ops and summary["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    res = run_both(src, out)
+    assert max_diff(res) < TOL and same_greedy(res)
+    assert chunked_diff(src, out) < TOL
+
+
+def chunked_diff(model_dir, onnx_dir) -> float:
+    """Largest logit difference between a full PyTorch forward and the graph fed in chunks (7 tokens, then 3 on top of
+    the cache, then 1), on a left-padded batch of 2."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sess = session(onnx_dir)
+    n_layers, _, kv, head_dim = X.cache_geometry(model.config)
+    ids = torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    pos = torch.where(mask == 0, 1, mask.cumsum(1) - 1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()
+    past, worst = [np.zeros((2, kv, 0, head_dim), np.float32)] * (2 * n_layers), 0.0
+    for a, b in ((0, 7), (7, 10), (10, 11)):
+        feed = {"input_ids": ids[:, a:b].numpy(), "attention_mask": mask[:, :b].numpy(),
+                "position_ids": pos[:, a:b].numpy(), **dict(zip(X.kv_names(n_layers)[0], past))}  # fmt: skip
+        logits, *past = sess.run(None, feed)
+        worst = max(worst, float(np.abs(logits - ref[:, a:b])[mask[:, a:b].bool().numpy()].max()))
+    return worst
+
+
+def test_optimize_fused_fp16(exported):
+    src, out, summary = exported("llama", 1, precision="fp16", optimize=True)
+    assert summary["optimize"]["graph"] == "fused" and summary["optimize"]["padded_rel_diff_vs_torch"] < 2e-2
+    res = run_both(src, out, kv_dtype=np.float16)
+    scale = max(float(np.abs(a).max()) for a, _, _ in res)
+    assert max_diff(res) < 2e-2 * scale
+
+
+def test_fused_decoder_eager_matches_hugging_face(tiny_models):
+    """The fused decoder's PyTorch side (the ops' reference implementations) against the model itself, with a cache
+    carried between calls: what the exporter traces is the model."""
+    from transformers import AutoModelForCausalLM
+
+    from shortened.exporters.fused import FusedCausalLM, unsupported_reason
+
+    for family in ("llama", "mistral", "qwen2", "qwen3"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+        assert unsupported_reason(model) is None
+        fused = FusedCausalLM(model)
+        n_layers, _, kv, head_dim = X.cache_geometry(model.config)
+        ids = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[0, :3] = 0
+        pos = torch.where(mask == 0, 1, mask.cumsum(1) - 1)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            past = [torch.zeros(2, kv, 0, head_dim)] * (2 * n_layers)
+            first, *past = fused(ids[:, :5], mask[:, :5], pos[:, :5], *past)
+            second, *_ = fused(ids[:, 5:], mask, pos[:, 5:], *past)
+        got = torch.cat([first, second], 1)
+        assert (got - ref)[mask.bool()].abs().max() < 1e-4, family
+    for family in ("gemma2", "phi3", "gpt2"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
+        assert unsupported_reason(model)
+
+
+def test_fused_decoder_refuses_sliding_windows(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from shortened.exporters.fused import unsupported_reason
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["mistral"], dtype=torch.float32)
+    model.config.sliding_window = 4
+    assert "sliding-window" in unsupported_reason(model)
 
 
 def test_padded_batch_check_catches_a_mask_ignoring_graph(exported, tmp_path):
@@ -237,11 +326,16 @@ def test_bf16_export_writes_bf16_weights(exported):
 # onnxruntime-genai runs the export (when installed)
 
 
-def test_genai_generates_pytorch_tokens(exported):
+@pytest.mark.parametrize("optimize", [False, True])
+def test_genai_generates_pytorch_tokens(exported, optimize):
+    """onnxruntime-genai runs our exports: the generic graph with a growing cache, the fused one with its cache
+    updated in place (past_present_share_buffer, as genai's own models)."""
     og = pytest.importorskip("onnxruntime_genai")
     from transformers import AutoModelForCausalLM
 
-    src, out, _ = exported("llama", 2)
+    src, out, _ = exported("llama", 2, optimize=optimize)
+    share = json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    assert share is optimize
     prompt = [5, 9, 17, 33, 65]
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     with torch.no_grad():

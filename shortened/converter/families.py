@@ -22,17 +22,20 @@ class Family:
     # config fields that count blocks from the bottom (e.g. Qwen2's max_window_layers): remapped on removal
     layer_count_thresholds: tuple[str, ...] = ()
     needs_bos: bool = False  # perplexity windows need a BOS token (Gemma)
+    # the decoder layer is pre-norm attention + MLP with q/k/v/o projections and rotate-half RoPE, so the ONNX
+    # exporter can write it with onnxruntime's GroupQueryAttention (exporters/fused.py)
+    llama_like_layer: bool = False
 
 
-_LLAMA_LIKE = Family(blocks="model.layers", final_norm="model.norm")
+_LLAMA_LIKE = Family(blocks="model.layers", final_norm="model.norm", llama_like_layer=True)
 
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "qwen2": Family(blocks="model.layers", final_norm="model.norm", layer_count_thresholds=("max_window_layers",)),
-    "qwen3": Family(blocks="model.layers", final_norm="model.norm", layer_count_thresholds=("max_window_layers",)),
+    "qwen2": Family("model.layers", "model.norm", layer_count_thresholds=("max_window_layers",), llama_like_layer=True),
+    "qwen3": Family("model.layers", "model.norm", layer_count_thresholds=("max_window_layers",), llama_like_layer=True),
     "gemma2": Family(blocks="model.layers", final_norm="model.norm", needs_bos=True),
-    "phi3": _LLAMA_LIKE,
+    "phi3": Family(blocks="model.layers", final_norm="model.norm"),  # packed qkv_proj, partial RoPE
     "gpt2": Family(
         blocks="transformer.h",
         final_norm="transformer.ln_f",
