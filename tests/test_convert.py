@@ -110,4 +110,4 @@ def test_example_config_sections_only_group_keys():
 
     cfg = make_config(load_config_file(REPO / "examples" / "smollm2.toml"))
     assert cfg.criterion == "ppl" and cfg.ratio == 0.2 and cfg.num_samples == 10 and cfg.seq_len == 128
-    assert cfg.speed is True and cfg.batch_sizes == [1, 8] and cfg.width_baseline is True
+    assert cfg.speed is True and cfg.batch_sizes == [1, 8] and cfg.width_baseline is True and cfg.optimize is True

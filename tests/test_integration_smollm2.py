@@ -51,3 +51,43 @@ def test_smollm2_ppl_and_taylor_prune_6_of_30(smollm2, calib, tmp_path, capsys):
         assert json.loads((out / "pruning.json").read_text())["criterion"] == criterion
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_smollm2_convert_end_to_end(smollm2, tmp_path, capsys):
+    """`shortened convert` on the real model, scaled down to minutes: Taylor on 4 x 64 tokens, 6 of 30 blocks, the
+    onnxruntime-optimized export, parity, perplexity, speed. Then a re-run reuses every step and a gate that cannot
+    pass gives exit code 1 with the artifacts kept; an invalid setting gives 2 before any work."""
+    from shortened.cli import main
+    from shortened.io import sha256_file
+
+    if not CORPUS.is_file():
+        pytest.skip("../shared/data is not present")
+    out = tmp_path / "build"
+    args = [
+        "convert", "--model", str(smollm2), "--out", str(out), "--calib", str(CORPUS), "--criterion", "taylor",
+        "--num-samples", "4", "--seq-len", "64", "--ratio", "0.2", "--optimize", "--eval-text", str(WIKITEXT),
+        "--eval-max-windows", "4", "--parity-new-tokens", "4", "--speed-backend", "torch", "--batch-sizes", "1",
+        "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1", "--no-width-baseline", "--quiet",
+    ]  # fmt: skip
+    assert main([*args, "--ratio", "1.5"]) == 2 and not out.exists()
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["passed"] and m["gates"]["parity"]["passed"] and m["pruning"]["kept"] == 24
+    assert m["onnx"]["optimize"]["graph"] == "fused" and m["onnx"]["optimize"]["fused"]["group_query_attention"] == 24
+    for rel, info in m["artifacts"].items():
+        assert sha256_file(out / rel) == info["sha256"], rel
+    for f in ("pruned/model.safetensors", "onnx/model.onnx", "report.md", "scores.png", "parity.json", "speed.json"):
+        assert (out / f).is_file(), f
+    q = m["quality"]
+    print(f"\nSmolLM2 convert (taylor, 4 x 64): removed {m['pruning']['removed_blocks']}; WikiText-2 4 windows "
+          f"PPL {q['original']['ppl']:.2f} -> {q['pruned']['ppl']:.2f}")  # fmt: skip
+
+    code = main([*args, "--force", "--max-ppl-ratio", "1.01"])
+    err = capsys.readouterr().err
+    assert code == 1 and "max_ppl_ratio" in err
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert all(s["reused"] for s in m2["steps"].values()), m2["steps"]
+    assert not m2["gates"]["max_ppl_ratio"]["passed"] and (out / "onnx/model.onnx").is_file()

@@ -1,10 +1,10 @@
 """The decoder of LLaMA-like families written for onnxruntime: what `export_onnx(optimize=True)` traces.
 
-Per layer the graph is: RMSNorm -> one packed QKV MatMul -> RotaryEmbedding on q and k -> GroupQueryAttention (which
-appends to the KV cache) -> o_proj -> residual -> RMSNorm -> MLP -> residual, with the cos/sin tables stored once as
-constants and the padding bias computed once per call. onnxscript's fusions then turn the RMSNorms into
-(Skip)SimplifiedLayerNormalization. Inputs, outputs and their names are those of the generic export, so every
-runner, parity check and onnxruntime-genai config works on both.
+Per layer the graph is: RMSNorm -> one packed QKV MatMul -> GroupQueryAttention (RoPE at the given positions,
+attention, appending to the KV cache) -> o_proj -> residual -> RMSNorm -> MLP -> residual, with the cos/sin tables
+stored once as constants and the padding bias computed once per call: the layout of onnxruntime-genai's builder.
+onnxscript's fusions then turn the RMSNorms into (Skip)SimplifiedLayerNormalization. Inputs, outputs and their names
+are those of the generic export, so every runner, parity check and onnxruntime-genai config works on both.
 
 The modules are Hugging Face's own (norms, MLP, projections, embeddings, head); only the attention's plumbing is
 rewritten. `unsupported_reason` says why a model cannot take this path (the exporter then uses the generic one).
@@ -101,28 +101,16 @@ class FusedCausalLM(torch.nn.Module):
         for i, layer in enumerate(inner.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
-            q, k, v = F.linear(x, getattr(self, f"qkv_weight_{i}"), getattr(self, f"qkv_bias_{i}")).split(
-                [dq, dkv, dkv], -1
-            )
+            qkv = F.linear(x, getattr(self, f"qkv_weight_{i}"), getattr(self, f"qkv_bias_{i}"))
             if hasattr(a, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
+                q, k, v = qkv.split([dq, dkv, dkv], -1)
                 q = a.q_norm(q.view(b, s, self.heads, self.head_dim)).reshape(b, s, dq)
                 k = a.k_norm(k.view(b, s, self.kv_heads, self.head_dim)).reshape(b, s, dkv)
-            q = torch.ops.shortened.rotary(q, position_ids, self.cos, self.sin, self.heads)
-            k = torch.ops.shortened.rotary(k, position_ids, self.cos, self.sin, self.kv_heads)
+                qkv = torch.cat([q, k, v], -1)
             o, pk, pv = torch.ops.shortened.gqa(
-                q,
-                k,
-                v,
-                past[2 * i],
-                past[2 * i + 1],
-                seqlens_k,
-                total,
-                query_seqlens,
-                bias,
-                self.heads,
-                self.kv_heads,
-                a.scaling,
-            )
+                qkv, past[2 * i], past[2 * i + 1], seqlens_k, total, self.cos, self.sin, position_ids, query_seqlens,
+                bias, self.heads, self.kv_heads, a.scaling,
+            )  # fmt: skip
             presents += [pk, pv]
             h = h + a.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -18,8 +18,8 @@ The output directory holds model.onnx (+ model.onnx.data, the weights), config.j
 tokenizer, genai_config.json (onnxruntime-genai) and export.json (how it was made).
 
 `optimize=True` writes a graph for onnxruntime (CPU and CUDA providers; not TensorRT). LLaMA-like families (LLaMA,
-Mistral, Qwen2, Qwen3) are traced through exporters/fused.py: one packed QKV MatMul, RotaryEmbedding and
-GroupQueryAttention per layer, RMSNorms fused, about 4x fewer nodes than the generic graph. Other families get
+Mistral, Qwen2, Qwen3) are traced through exporters/fused.py: one packed QKV MatMul and one GroupQueryAttention (RoPE
+inside) per layer, RMSNorms fused, about 6x fewer nodes than the generic graph. Other families get
 onnxscript's fusions on the generic graph. Either way the result is checked on a left-padded batch with decode steps
 (against PyTorch, or against the unfused graph) and falls back to a plainer graph if it does not match.
 """
