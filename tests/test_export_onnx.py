@@ -196,6 +196,14 @@ def test_optimize_fused_decoder_matches_pytorch(exported, family, keep):
     assert chunked_diff(src, out) < TOL
 
 
+def padded_batch(length: int, row: int, pad: int, seed: int):
+    """(ids, mask, position_ids) of a batch of 2 whose row `row` is left-padded by `pad` tokens."""
+    ids = torch.randint(3, 250, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[row, :pad] = 0
+    return ids, mask, torch.where(mask == 0, 1, mask.cumsum(1) - 1)
+
+
 def chunked_diff(model_dir, onnx_dir) -> float:
     """Largest logit difference between a full PyTorch forward and the graph fed in chunks (7 tokens, then 3 on top of
     the cache, then 1), on a left-padded batch of 2."""
@@ -204,10 +212,7 @@ def chunked_diff(model_dir, onnx_dir) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     sess = session(onnx_dir)
     n_layers, _, kv, head_dim = X.cache_geometry(model.config)
-    ids = torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 11, dtype=torch.long)
-    mask[1, :4] = 0
-    pos = torch.where(mask == 0, 1, mask.cumsum(1) - 1)
+    ids, mask, pos = padded_batch(11, row=1, pad=4, seed=1)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()
     past, worst = [np.zeros((2, kv, 0, head_dim), np.float32)] * (2 * n_layers), 0.0
@@ -239,10 +244,7 @@ def test_fused_decoder_eager_matches_hugging_face(tiny_models):
         assert unsupported_reason(model) is None
         fused = FusedCausalLM(model)
         n_layers, _, kv, head_dim = X.cache_geometry(model.config)
-        ids = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(0))
-        mask = torch.ones(2, 8, dtype=torch.long)
-        mask[0, :3] = 0
-        pos = torch.where(mask == 0, 1, mask.cumsum(1) - 1)
+        ids, mask, pos = padded_batch(8, row=0, pad=3, seed=0)
         with torch.no_grad():
             ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
             past = [torch.zeros(2, kv, 0, head_dim)] * (2 * n_layers)
