@@ -14,6 +14,7 @@ from shortened.cli import main
 from shortened.converter.families import num_blocks
 from shortened.errors import UsageError
 from shortened.exporters import onnx as X
+from shortened.validators.runners.base import position_ids_from_mask
 
 TOL = 1e-4
 
@@ -78,7 +79,7 @@ def run_both(model_dir, onnx_dir, prompt_len=9, pad=4, steps=3, kv_dtype=np.floa
     mask[1, :pad] = 0
     past, ref_cache, results = None, None, []
     for _ in range(steps + 1):
-        pos = torch.where(mask == 0, 1, mask.cumsum(1) - 1)[:, -ids.shape[1] :]
+        pos = torch.from_numpy(position_ids_from_mask(mask.numpy(), ids.shape[1]))
         with torch.no_grad():
             ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=ref_cache, use_cache=True)
         ref_cache = ref.past_key_values
@@ -201,7 +202,7 @@ def padded_batch(length: int, row: int, pad: int, seed: int):
     ids = torch.randint(3, 250, (2, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones(2, length, dtype=torch.long)
     mask[row, :pad] = 0
-    return ids, mask, torch.where(mask == 0, 1, mask.cumsum(1) - 1)
+    return ids, mask, torch.from_numpy(position_ids_from_mask(mask.numpy(), length))
 
 
 def chunked_diff(model_dir, onnx_dir) -> float:

@@ -214,12 +214,15 @@ def _torch_stepper(model):
     import numpy as np
     import torch
 
+    from ..validators.runners.base import position_ids_from_mask
+
     def step(ids, mask, pos, state):
         full = ids if state is None else np.concatenate([state, ids], 1)
-        m = torch.from_numpy(mask)
-        positions = (m.cumsum(1) - 1).masked_fill(m == 0, 1)
+        positions = torch.from_numpy(position_ids_from_mask(mask, mask.shape[1]))
         with torch.no_grad():
-            out = model(input_ids=torch.from_numpy(full), attention_mask=m, position_ids=positions).logits
+            out = model(
+                input_ids=torch.from_numpy(full), attention_mask=torch.from_numpy(mask), position_ids=positions
+            ).logits
         return out[:, -ids.shape[1] :].float().numpy(), full
 
     return step, True
@@ -231,6 +234,8 @@ def padded_batch_check(reference, candidate, config, steps: int = 2, seed: int =
     second row padded by 3), then `steps` cached decode steps."""
     import numpy as np
 
+    from ..validators.runners.base import position_ids_from_mask
+
     rng = np.random.default_rng(seed)
     runs = [_onnx_stepper(Path(x), config) if isinstance(x, (str, Path)) else _torch_stepper(x)
             for x in (reference, candidate)]  # fmt: skip
@@ -241,7 +246,7 @@ def padded_batch_check(reference, candidate, config, steps: int = 2, seed: int =
     states = [None, None]
     worst, scale = 0.0, 1e-6
     for _ in range(steps + 1):
-        pos = np.where(mask == 0, 1, np.cumsum(mask, 1) - 1)[:, -ids.shape[1] :].astype(np.int64)
+        pos = position_ids_from_mask(mask, ids.shape[1])
         outs = []
         for k, (step, _) in enumerate(runs):
             logits, states[k] = step(ids, mask, pos, states[k])

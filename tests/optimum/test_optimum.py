@@ -23,6 +23,7 @@ pytest.importorskip("optimum.onnxruntime", reason="needs optimum-onnx (the .venv
 import transformers  # noqa: E402
 
 from shortened.exporters.onnx import ONNX_FILE, export_onnx  # noqa: E402
+from shortened.validators.runners.base import position_ids_from_mask  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN_PY = Path(os.environ.get("SHORTENED_MAIN_PYTHON", REPO / ".venv" / "bin" / "python"))
@@ -71,7 +72,7 @@ def test_optimum_exporter_agrees_with_ours(ours, tmp_path):
     ids = rng.integers(3, 250, (2, 9))
     mask = np.ones((2, 9), np.int64)
     mask[1, :4] = 0
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.where(mask == 0, 1, mask.cumsum(1) - 1)}
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask, 9)}
     kv = sessions[0].get_inputs()[3].shape
     feed.update({n: np.zeros((2, kv[1], 0, kv[3]), np.float32) for n in names[0] if n.startswith("past_")})
     a, b = (s.run(["logits"], feed)[0] for s in sessions)
