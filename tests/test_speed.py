@@ -166,7 +166,7 @@ def test_bench_torch_end_to_end(tiny_models, tmp_path):
     prune(str(src), tmp_path / "cand", blocks=[1, 2, 3], no_protect=True, progress=False)
     rep = bench(str(src), str(tmp_path / "cand"), backend="torch", batch_sizes=(2, 1, 10**8), prompt_len=8,
                 new_tokens=3, repeats=2, warmup=1, threads=1, width_baseline=True, report=tmp_path / "r.json",
-                plot=tmp_path / "p.png", progress=False)  # fmt: skip
+                plot=tmp_path / "p.png", progress=False, ci_target=None)  # fmt: skip
     assert [s["batch"] for s in rep.skipped] == [10**8] and "GiB" in rep.skipped[0]["reason"]
     assert {(r["batch"], r["model"]) for r in rep.rows} == {(b, m) for b in (1, 2) for m in rep.models}
     assert set(rep.models) == {"original", "candidate", "width"}
@@ -243,7 +243,8 @@ def test_bench_onnxruntime_runs_given_exports(tiny_models, tmp_path):
     export_onnx(str(src), tmp_path / "onnx", progress=False)
     onnx = {"original": tmp_path / "onnx", "candidate": tmp_path / "onnx"}
     rep = bench(str(src), str(src), backend="onnxruntime", batch_sizes=(1, 2), prompt_len=6, new_tokens=3, repeats=2,
-                warmup=1, threads=1, onnx_dirs=onnx, work_dir=tmp_path / "work", progress=False)  # fmt: skip
+                warmup=1, threads=1, onnx_dirs=onnx, work_dir=tmp_path / "work", progress=False,
+                ci_target=None)  # fmt: skip
     assert not (tmp_path / "work" / "candidate-onnx").exists()  # the given export was used
     for m in rep.models.values():
         assert m["providers"] == ["CPUExecutionProvider"] and m["kind"] == "onnxruntime"

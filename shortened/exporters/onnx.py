@@ -44,6 +44,7 @@ ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 RECORD_FILE = "export.json"
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+QUANTIZED = ("int4", "int8")  # weight-only: an fp32 graph whose MatMul weights are int4/int8 (exporters/quantize.py)
 EXPORTERS = ("torch", "optimum")
 MIN_OPSET = 18  # the dynamo exporter's floor
 MIN_EXTERNAL_BYTES = 1024  # smaller tensors always stay in model.onnx
@@ -437,8 +438,10 @@ def _versions() -> dict:
 
 
 def _check_args(precision, opset, exporter, optimize, external_data_threshold) -> None:
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS and precision not in QUANTIZED:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join([*PRECISIONS, *QUANTIZED])}")
+    if precision in QUANTIZED and exporter != "torch":
+        raise UsageError(f"--precision {precision} is made from the torch exporter's graph; drop --exporter optimum")
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; choose torch or optimum")
     if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
@@ -462,10 +465,14 @@ def export_onnx(
     force: bool = False,
     load=None,
     progress: bool = True,
+    quant=None,
+    calib: str | None = None,
 ) -> dict:
     """Export a causal LM (checkpoint dir, hub id or a loaded `Loaded`) to `out`; returns a summary (see module doc).
 
-    precision: fp32 | fp16 | bf16 (the weights, the compute and the KV cache; logits stay float32).
+    precision: fp32 | fp16 | bf16 (the weights, the compute and the KV cache; logits stay float32), or int4 | int8:
+    the fp32 graph with its MatMul weights quantized by onnxruntime's weight-only quantizer; `quant` is a
+    exporters.quantize.QuantOptions (or a dict of its fields), `calib` the calibration source GPTQ needs.
     opset: ONNX opset (default: the exporter's). cache: KV-cache graph (True) or a plain logits graph.
     optimize: onnxruntime fusions, kept only if they keep padded-batch parity. exporter: torch | optimum.
     external_data_threshold: tensors of this many bytes (>= 1024) or more go to model.onnx.data (None: one file,
@@ -477,6 +484,8 @@ def export_onnx(
     from ..io import atomic_dir, check_output_dir, write_json
 
     _check_args(precision, opset, exporter, optimize, external_data_threshold)
+    qopts = _quant_options(precision, quant, optimize, calib)
+    base = "fp32" if qopts else precision  # what is traced: quantized exports start from the fp32 graph
     source = model.source if isinstance(model, Loaded) else str(model)
     check_output_dir(out, force, inputs=(source,))
     if not isinstance(model, Loaded):
@@ -486,12 +495,12 @@ def export_onnx(
         return _export_optimum(model, out, precision, opset, cache, optimize, force, external_data_threshold, t0)
     bar = tqdm(total=5, desc="export onnx", file=sys.stderr, disable=not progress, leave=False)
     stage = lambda name: (bar.set_postfix_str(name), bar.update(1))  # noqa: E731
-    dtype = torch_dtype(PRECISIONS[precision])
+    dtype = torch_dtype(PRECISIONS[base])
     if isinstance(model, Loaded):
         loaded = model
     else:
         stage("load")
-        opts = LoadOptions(**{**vars(load or LoadOptions()), "dtype": PRECISIONS[precision], "device": "cpu"})
+        opts = LoadOptions(**{**vars(load or LoadOptions()), "dtype": PRECISIONS[base], "device": "cpu"})
         loaded = load_model(str(model), opts)
     torch_model = loaded.model
     if str(torch_model.device) != "cpu":
@@ -515,22 +524,25 @@ def export_onnx(
             if optimize:
                 stage("optimize")
                 if fused_reason is None:
-                    fused_model, info = optimize_fused(
-                        staging, onnx_model, torch_model, precision, external_data_threshold
-                    )
+                    fused_model, info = optimize_fused(staging, onnx_model, torch_model, base, external_data_threshold)
                     if fused_model is None:
                         fused_reason = f"differs from PyTorch by {info['padded_rel_diff_vs_torch']:.2g}"
                         onnx_model = _trace_or_explain(torch_model, cache, opset)
                     else:
                         onnx_model = fused_model
                 if fused_reason is not None:
-                    onnx_model, info = optimize_graph(staging, onnx_model, config, precision, external_data_threshold)
+                    onnx_model, info = optimize_graph(staging, onnx_model, config, base, external_data_threshold)
                     info["fused_graph_not_used"] = fused_reason
                     log.info("onnxruntime's fused decoder not used (%s): generic graph with onnxscript fusions",
                              fused_reason)  # fmt: skip
             else:
                 stage("save")
                 _save(onnx_model, staging / ONNX_FILE, external_data_threshold)
+            if qopts:
+                stage(precision)
+                onnx_model, info["quantization"] = _quantize(
+                    staging, onnx_model, torch_model, loaded.tokenizer, precision, qopts, calib, external_data_threshold
+                )
             stage("side files")
             _write_side_files(staging, torch_model, loaded.tokenizer, cache, fused=info.get("graph") == "fused")
             summary = _summary(staging, out, onnx_model, "torch", precision, cache, n_layers, t0, info, source)
@@ -538,6 +550,58 @@ def export_onnx(
     finally:
         bar.close()
     return summary
+
+
+def _quant_options(precision, quant, optimize, calib):
+    """The QuantOptions of an int4/int8 export (None for float precisions), checked before any work."""
+    from .quantize import BITS, QuantOptions
+
+    if precision not in QUANTIZED:
+        if quant:
+            raise UsageError(f"quantization options apply to --precision int4/int8, not {precision}")
+        return None
+    if isinstance(quant, dict):
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(QuantOptions)}
+        unknown = sorted(set(quant) - names)
+        if unknown:
+            raise UsageError(f"unknown quantization option {unknown[0]!r}; known: {', '.join(sorted(names))}")
+        quant = QuantOptions(**quant)
+    opts = quant or QuantOptions()
+    opts.validate(BITS[precision])
+    if opts.format == "qdq" and optimize:
+        raise UsageError("the QDQ format is for TensorRT, which cannot run the fused graph: drop --optimize")
+    if opts.method == "gptq" and not calib:
+        raise UsageError("GPTQ needs calibration text: pass --calib FILE (the calibration set)")
+    return opts
+
+
+def _quantize(staging, onnx_model, torch_model, tokenizer, precision, opts, calib, threshold):
+    """Quantize the staged fp32 graph in place (exporters/quantize.py); returns (onnx_ir model, record). The
+    record holds the padded-batch difference of the quantized graph against PyTorch fp32 (for information:
+    parity judges it)."""
+    import onnx_ir
+
+    from .quantize import BITS, WindowReader, calibration_windows, quantize_proto
+
+    t0 = time.perf_counter()
+    proto = onnx_ir.to_proto(onnx_ir.external_data.load_to_model(onnx_model))
+    reader = None
+    if opts.method == "gptq":
+        windows = calibration_windows(calib, tokenizer)
+        has_cache = any(i.name.startswith("past_key_values") for i in proto.graph.input)
+        reader = WindowReader(windows, torch_model.config, has_cache)
+    qproto, record = quantize_proto(proto, BITS[precision], opts, torch_model.config, reader)
+    if reader is not None:
+        record["calibration"] = {"source": str(calib), "windows": len(reader.feeds)}
+    model = onnx_ir.from_proto(qproto)
+    _save(model, staging / ONNX_FILE, threshold)
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    if opts.format == "qoperator":
+        record["padded_rel_diff_vs_torch_fp32"] = padded_batch_check(torch_model, staging / ONNX_FILE,
+                                                                     torch_model.config)  # fmt: skip
+    return model, record
 
 
 def _trace_or_explain(torch_model, cache, opset, fused=False):
@@ -566,7 +630,8 @@ def _summary(staging, out, onnx_model, exporter, precision, cache, n_layers, t0,
         "external_data": (staging / DATA_FILE).is_file(),
         "inputs": [v.name for v in onnx_model.graph.inputs],
         "outputs": [v.name for v in onnx_model.graph.outputs],
-        "optimize": info or None,
+        "optimize": {k: v for k, v in info.items() if k != "quantization"} or None,
+        "quantization": info.get("quantization"),
         "seconds": round(time.perf_counter() - t0, 2),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }

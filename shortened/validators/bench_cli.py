@@ -19,7 +19,12 @@ def register(sub, groups) -> None:
     p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per run (default 32)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions per batch size (default 5)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions per batch size, at least (5)")
+    p.add_argument("--ci-target", type=float, default=0.03, metavar="REL",
+                   help="repeat until every speedup's 95%% interval is within +-REL (0.03; 0: exactly --repeats)")
+    p.add_argument("--time-budget", type=float, default=120.0, metavar="S",
+                   help="stop repeating after S seconds per batch size even when not resolved (default 120)")
+    p.add_argument("--max-repeats", type=int, help="at most this many repetitions (default 10 x --repeats)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per model and batch size (default 1)")
     p.add_argument("--threads", type=int, help="intra-op threads per model (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -68,6 +73,9 @@ def cmd_bench(args) -> int:
         work_dir=args.work_dir,
         report=args.report,
         plot=args.plot,
+        ci_target=args.ci_target or None,
+        time_budget_s=args.time_budget,
+        max_repeats=args.max_repeats,
     )
     print(rep.table())
     return 0

@@ -9,6 +9,7 @@ TOLERANCE_FLAGS = {  # flag -> Tolerances field
     "--min-cosine": "min_cosine",
     "--min-top1": "min_top1",
     "--max-kl": "max_kl",
+    "--max-mean-kl": "max_mean_kl",
     "--max-top1-gap": "max_top1_gap",
     "--min-gen-match": "min_gen_match",
 }
@@ -23,7 +24,8 @@ def register(sub, groups) -> None:
     )
     p.add_argument("--reference", required=True, help="the PyTorch model: directory, hub id or .gguf file")
     p.add_argument("--onnx", required=True, help="the export directory (holding model.onnx) or an .onnx file")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="tolerance set (default: from export.json)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int4", "int8"],
+                   help="tolerance set (default: from export.json)")
     p.add_argument("--prompts", help="text file of prompts (default: the shared data's text when present)")
     p.add_argument("--batch-sizes", type=int_list, default=[1, 2], help="batch sizes, left padded (default 1,2)")
     p.add_argument("--seq-lens", type=int_list, default=[1, 16, 48], help="prompt lengths (default 1,16,48)")

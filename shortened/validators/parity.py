@@ -32,7 +32,7 @@ from .runners.base import greedy_generate
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
 # real text used when the user passes no prompt file: the project's shared data, when it is present
 DEFAULT_TEXTS = [
     Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / name
@@ -50,6 +50,7 @@ class Tolerances:
     min_cosine: float | None = None
     min_top1: float | None = None  # fraction of positions with the same argmax
     max_kl: float | None = None  # largest KL(torch || onnx) of one position's next-token distribution
+    max_mean_kl: float | None = None  # mean KL over the case's positions
     max_top1_gap: float | None = None  # largest torch logit gap between torch's top token and onnx's pick
     min_gen_match: float | None = None  # mean over rows of (first differing greedy position) / new_tokens
 
@@ -63,6 +64,7 @@ class Tolerances:
             ("min_cosine", "cosine", False),
             ("min_top1", "top1", False),
             ("max_kl", "kl", True),
+            ("max_mean_kl", "mean_kl", True),
             ("max_top1_gap", "top1_gap", True),
             ("min_gen_match", "gen_match", False),
         ):
@@ -88,6 +90,8 @@ DEFAULT_TOLERANCES = {
     "fp32": Tolerances(max_abs=2e-3, min_cosine=0.99999, max_kl=1e-6, max_top1_gap=4e-3),
     "fp16": Tolerances(min_cosine=0.999, max_kl=2e-2, max_top1_gap=0.1),
     "bf16": Tolerances(min_cosine=0.99, max_kl=1e-1, max_top1_gap=0.3),
+    "int4": Tolerances(max_mean_kl=0.1, max_kl=1.0),
+    "int8": Tolerances(max_mean_kl=0.01, max_kl=0.1),
 }
 
 

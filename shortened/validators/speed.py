@@ -8,7 +8,13 @@ How the measurement stays honest on a noisy machine:
   a slow drift of the machine hits all of them alike, and only one model computes at a time;
 - onnxruntime sessions run with thread spinning off, so idle workers do not burn the cores the active one needs;
 - medians and p90 over repetitions; speedups are computed pair by pair (A_i / B_i within repetition i) and then
-  summarized, never as a ratio of two medians.
+  summarized, never as a ratio of two medians;
+- repetitions continue until the 95% bootstrap interval (over the paired repetitions) of every speedup is narrower
+  than +-ci_target (default 3%) or the time budget is spent; every speedup is reported with its interval, and a
+  verdict ("faster", "slower") only where the interval excludes 1, else "not resolved";
+- a measured speedup above the FLOP ideal by more than its interval is flagged (a disturbed baseline, cache effects);
+- every worker runs with the same number of intra-op threads, pinned to the same cores; every model gets the same
+  prompt tokens; first-token (prefill) and per-token (decode) latency are reported apart.
 
 The ideal speedup comes from the configs alone (`flops_per_token`): what removing compute would give if time
 were proportional to it.
@@ -110,6 +116,53 @@ def summarize(values) -> dict:
             "n": int(v.size)}  # fmt: skip
 
 
+def bootstrap_ci(ratios, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of paired ratios (pairs resampled with replacement)."""
+    r = np.asarray([x for x in ratios if x is not None], dtype=float)
+    if r.size < 2:  # one pair says nothing about the spread
+        return float("-inf"), float("inf")
+    rng = np.random.default_rng(seed)
+    meds = np.median(r[rng.integers(0, r.size, (n_boot, r.size))], axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(meds, a)), float(np.quantile(meds, 1 - a))
+
+
+def speedup_stats(ratios, ideal: float | None = None, level: float = 0.95) -> dict:
+    """Median, interval, relative half-width and verdict of paired speedups.
+
+    verdict: "faster" / "slower" when the interval lies above / below 1, else "not resolved" (the interval is wider
+    than the effect). above_ideal: the interval's lower end exceeds the FLOP ideal."""
+    st = summarize(ratios)
+    if st["median"] is None:
+        return {**st, "ci_low": None, "ci_high": None, "ci_half_rel": None, "verdict": "not measured"}
+    lo, hi = bootstrap_ci(ratios, level)
+    if not np.isfinite(hi - lo):  # fewer than 2 pairs: no interval, no verdict
+        return {**st, "ci_low": None, "ci_high": None, "ci_level": level, "ci_half_rel": None,
+                "verdict": "not resolved"}  # fmt: skip
+    half = (hi - lo) / 2 / st["median"]
+    verdict = "faster" if lo > 1 else "slower" if hi < 1 else "not resolved"
+    out = {**st, "ci_low": lo, "ci_high": hi, "ci_level": level, "ci_half_rel": half, "verdict": verdict}
+    if ideal:
+        out["above_ideal"] = bool(lo > ideal)
+    return out
+
+
+def resolved(runs: dict, baseline: str, target: float) -> bool:
+    """Whether every model's decode speedup over `baseline` has an interval within +-target (relative) so far.
+    runs: {name: [{"decode_s": [...]}, ...]} of one batch size, repetitions paired by index."""
+    base = [float(np.mean(r["decode_s"])) for r in runs[baseline]]
+    if len(base) < 3:
+        return False
+    for name, reps in runs.items():
+        if name == baseline:
+            continue
+        ratios = pairwise_speedups(base, [float(np.mean(r["decode_s"])) for r in reps])
+        lo, hi = bootstrap_ci(ratios)
+        if not (hi - lo) / 2 <= target * float(np.median(ratios)):
+            return False
+    return True
+
+
 def pairwise_speedups(base_times, times) -> list[float]:
     """Speedup of each repetition: base_i / time_i, pairing the runs of the same repetition."""
     if len(base_times) != len(times):
@@ -141,6 +194,12 @@ def _peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def pinned_cores(threads: int | None) -> list[int]:
+    """The cores every worker is pinned to: the first `threads` of this process's (all when None)."""
+    avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return avail[: threads or len(avail)]
 
 
 def _make_runner(spec: ModelSpec):
@@ -282,6 +341,9 @@ def _worker(conn, spec: ModelSpec) -> None:
 
     warnings.filterwarnings("ignore")
     base = _rss()
+    cores = pinned_cores(spec.threads)
+    if cores and hasattr(os, "sched_setaffinity"):  # every model on the same cores, with as many threads
+        os.sched_setaffinity(0, cores)
     try:
         t0 = time.perf_counter()
         m = _MEASURES.get(spec.kind, _RunnerMeasure)(spec)
@@ -382,10 +444,17 @@ def measure(
     warmup: int = 1,
     seed: int = 0,
     progress: bool = True,
+    ci_target: float | None = None,
+    time_budget_s: float = 120.0,
+    max_repeats: int | None = None,
+    baseline: str | None = None,
 ) -> dict:
-    """Run each spec in its own worker; warm up; then interleave the specs over `repeats` repetitions.
+    """Run each spec in its own worker; warm up; then interleave the specs over at least `repeats` repetitions.
 
-    Returns {"models": {name: info}, "runs": {batch: {name: [{"prefill_s", "decode_s"}, ...]}}, "skipped": [...]}.
+    ci_target: keep repeating (up to max_repeats, default 10 x repeats, and time_budget_s per batch size) until the
+    bootstrap interval of every decode speedup over `baseline` (default: the first spec) is within +-ci_target
+    (relative); None: exactly `repeats`. Returns {"models": {name: info}, "runs": {batch: {name: [{"prefill_s",
+    "decode_s"}, ...]}}, "skipped": [...], "repetitions": {batch: {"n", "resolved", "seconds"}}}.
     """
     from tqdm.auto import tqdm
 
@@ -394,8 +463,10 @@ def measure(
         raise UsageError(f"model names must differ: {names}")
     configs = {s.name: _config(s.config_path or s.path) for s in specs}
     vocab = min(_shape(c)["vocab"] for c in configs.values())
+    baseline = baseline or names[0]
+    max_repeats = max(repeats, max_repeats or 10 * repeats) if ci_target else repeats
     workers = {s.name: _Worker(s) for s in specs}
-    models, runs, skipped, load, tokens = {}, {}, [], {}, {}
+    models, runs, skipped, load, tokens, reps_info = {}, {}, [], {}, {}, {}
     try:
         for name, w in workers.items():
             r = w.recv()
@@ -404,7 +475,7 @@ def measure(
             models[name] = {"path": w.spec.path, "kind": w.spec.kind, "device": w.spec.device,
                             "providers": r["providers"], "load_s": r["load_s"]}  # fmt: skip
         rng = np.random.default_rng(seed)
-        total = len(batch_sizes) * (warmup + repeats) * len(specs)
+        total = len(batch_sizes) * (warmup + repeats) * len(specs)  # the minimum; adaptive rounds extend it
         bar = tqdm(total=total, desc="speed", disable=not progress, file=sys.stderr)
         load_before = os.getloadavg()
         for i, b in enumerate(batch_sizes):
@@ -418,7 +489,19 @@ def measure(
             ids = rng.integers(3, vocab, size=(b, prompt_len), dtype=np.int64)
             runs[b] = {n: [] for n in names}
             failed = None
-            for rep in range(warmup + repeats):
+            t_batch, rep = time.perf_counter(), -1
+            while True:
+                rep += 1
+                done = rep - warmup  # measured repetitions so far
+                if done >= repeats and (
+                    done >= max_repeats
+                    or not ci_target
+                    or resolved(runs[b], baseline, ci_target)
+                    or time.perf_counter() - t_batch > time_budget_s
+                ):
+                    break
+                if done >= repeats:
+                    bar.total += len(names)
                 k = rep % len(names)
                 for name in names[k:] + names[:k]:  # rotate who goes first
                     r = workers[name].run(ids, new_tokens)
@@ -431,10 +514,13 @@ def measure(
                     tokens.setdefault(b, {})[name] = r["tokens"]  # greedy tokens of the first row
                 if failed:
                     break
+            n_done = len(runs[b][baseline]) if b in runs else 0
+            reps_info[b] = {"n": n_done, "seconds": round(time.perf_counter() - t_batch, 1),
+                            "resolved": bool(ci_target) and not failed and resolved(runs[b], baseline, ci_target)}
             if failed:
                 del runs[b]
                 skipped.append({"batch": b, "reason": f"failed ({failed}); likely does not fit memory"})
-                bar.update((i + 1) * (warmup + repeats) * len(specs) - bar.n)
+                bar.update(max(0, (i + 1) * (warmup + repeats) * len(specs) - bar.n))
         bar.close()
         load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     finally:
@@ -447,7 +533,8 @@ def measure(
                     "baseline_rss_mb": _mb(mem.get("baseline_rss")),
                     "gpu_peak_mb": _mb(mem.get("gpu_peak")),
                 })  # fmt: skip
-    return {"models": models, "runs": runs, "skipped": skipped, "load_average": load, "tokens": tokens}
+    return {"models": models, "runs": runs, "skipped": skipped, "load_average": load, "tokens": tokens,
+            "repetitions": reps_info}  # fmt: skip
 
 
 def _mb(x):
@@ -479,16 +566,22 @@ class SpeedReport:
 
     def table(self) -> str:
         s = self.settings
+        reps = s.get("repetitions") or {}
+        n_reps = ", ".join(f"batch {b}: {v['n']}{'' if v['resolved'] else ' (not resolved)'}"
+                           for b, v in reps.items()) or s["repeats"]  # fmt: skip
+        target = s.get("ci_target")
         lines = [
             f"backend {self.backend} on {s['device']}, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, "
-            f"{s['repeats']} interleaved repetitions after {s['warmup']} warm-up; median (p90); "
-            "speedups pair by pair against the original",
-            f"load average (1, 5, 15 min) before {s.get('load_average', {}).get('before')}, after "
+            f"interleaved repetitions after {s['warmup']} warm-up ({n_reps}"
+            f"{f'; until every interval is within +-{target:.0%}' if target else ''}); median (p90); speedups pair "
+            f"by pair against the original with their 95% bootstrap interval [low, high]",
+            f"{s.get('threads')} intra-op threads per model, pinned to cores {s.get('cores')}; load average "
+            f"(1, 5, 15 min) before {s.get('load_average', {}).get('before')}, after "
             f"{s.get('load_average', {}).get('after')} on {s.get('cpu_count')} CPUs (a busy machine slows all models)",
             "",
-            "| batch | model | blocks | params (M) | prefill ms | decode ms/token | tokens/s | decode speedup "
-            "| ideal | of ideal | prefill speedup |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| batch | model | blocks | params (M) | first token ms | decode ms/token | tokens/s | decode speedup "
+            "[95% interval] | verdict | ideal | of ideal | prefill speedup |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in self.rows:
             m = self.models[r["model"]]
@@ -496,11 +589,18 @@ class SpeedReport:
             ideal = m.get("ideal_decode_speedup")
             of_ideal = f"{sp['median'] / ideal:.2f}" if sp["median"] and ideal else "-"
             params = f"{m['params'] / 1e6:.1f}" if m.get("params") else "-"
+            verdict = "-" if r["model"] == self.baseline else sp.get("verdict", "-")
+            if sp.get("above_ideal"):
+                verdict += " (ABOVE IDEAL: disturbed baseline or cache effects?)"
             lines.append(
                 f"| {r['batch']} | {r['model']} | {m.get('blocks', '-')} | {params} | {_fmt(r['prefill_ms'])} "
-                f"| {_fmt(r['decode_ms_per_token'], 2)} | {_fmt(r['tokens_per_s'])} | {_fmt(sp, 3, 'x')} "
-                f"| {f'{ideal:.3f}x' if ideal else '-'} | {of_ideal} | {_fmt(pp, 3, 'x')} |"
+                f"| {_fmt(r['decode_ms_per_token'], 2)} | {_fmt(r['tokens_per_s'])} | {_fmt_ci(sp)} | {verdict} "
+                f"| {f'{ideal:.3f}x' if ideal else '-'} | {of_ideal} | {_fmt_ci(pp)} |"
             )
+        for r in self.rows:
+            dw = r.get("depth_vs_width")
+            if dw:
+                lines.append(f"| {r['batch']} | depth vs width | | | | | | {_fmt_ci(dw)} | {dw['verdict']} | | | |")
         for sk in self.skipped:
             lines.append(f"| {sk['batch']} | skipped: {sk['reason']} | | | | | | | | | |")
         lines += ["", "| model | peak RSS MB | RSS while running MB | RSS before loading MB | GPU peak MB | runs on |",
@@ -514,6 +614,15 @@ class SpeedReport:
 
     def plot(self, path: str | Path) -> Path | None:
         return plot_speed(self, path)
+
+
+def _fmt_ci(st: dict) -> str:
+    if not st or st.get("median") is None:
+        return "-"
+    lo, hi = st.get("ci_low"), st.get("ci_high")
+    if lo is None:
+        return f"{st['median']:.3f}x [no interval]"
+    return f"{st['median']:.3f}x [{lo:.3f}, {hi:.3f}]"
 
 
 def _fmt(st: dict, digits: int = 1, unit: str = "") -> str:
@@ -544,10 +653,27 @@ def build_rows(runs: dict, baseline: str = "original") -> list[dict]:
                 base_decode = [float(np.mean(r["decode_s"])) for r in base]
                 row["decode_speedups"] = pairwise_speedups(base_decode, decode)
                 row["prefill_speedups"] = pairwise_speedups([r["prefill_s"] for r in base], prefill)
-            row["decode_speedup"] = summarize(row.get("decode_speedups", []))
-            row["prefill_speedup"] = summarize(row.get("prefill_speedups", []))
+            row["decode_speedup"] = speedup_stats(row.get("decode_speedups", []))
+            row["prefill_speedup"] = speedup_stats(row.get("prefill_speedups", []))
             rows.append(row)
+        cand, width = per_model.get("candidate"), per_model.get("width")
+        if cand and width:  # depth against width, pair by pair: > 1 means the depth-pruned model decodes faster
+            r = next(x for x in rows if x["batch"] == b and x["model"] == "candidate")
+            ratios = pairwise_speedups([float(np.mean(x["decode_s"])) for x in width],
+                                       [float(np.mean(x["decode_s"])) for x in cand])  # fmt: skip
+            st = speedup_stats(ratios)
+            st["verdict"] = {"faster": "depth faster", "slower": "width faster"}.get(st["verdict"], st["verdict"])
+            r["depth_vs_width"] = st
     return rows
+
+
+def flag_above_ideal(rows: list[dict], models: dict) -> None:
+    """Mark speedups whose interval lies entirely above the model's FLOP ideal."""
+    for r in rows:
+        ideal = models.get(r["model"], {}).get("ideal_decode_speedup")
+        sp = r["decode_speedup"]
+        if ideal and sp.get("ci_low") is not None:
+            sp["above_ideal"] = bool(sp["ci_low"] > ideal)
 
 
 def plot_speed(report: SpeedReport, path: str | Path) -> Path | None:
@@ -568,7 +694,12 @@ def plot_speed(report: SpeedReport, path: str | Path) -> Path | None:
         label = {"candidate": "depth-pruned", "width": "width-pruned"}.get(name, name)
         ax1.plot(bs, [r["tokens_per_s"]["median"] for r in rows], "o-", color=c, label=label)
         if name != report.baseline:
-            ax2.plot(bs, [r["decode_speedup"]["median"] for r in rows], "o-", color=c, label=label)
+            med = np.array([r["decode_speedup"]["median"] for r in rows], float)
+            lo = np.array([r["decode_speedup"].get("ci_low") or m for r, m in zip(rows, med)], float)
+            hi = np.array([r["decode_speedup"].get("ci_high") or m for r, m in zip(rows, med)], float)
+            lo, hi = np.where(np.isfinite(lo), lo, med), np.where(np.isfinite(hi), hi, med)
+            ax2.errorbar(bs, med, yerr=[med - lo, hi - med], fmt="o-", color=c, capsize=3,
+                         label=f"{label} (95% interval)")  # fmt: skip
             ideal = report.models[name].get("ideal_decode_speedup")
             if ideal:
                 ax2.axhline(ideal, color=c, ls="--", lw=0.9, label=f"{label} ideal {ideal:.2f}x")
@@ -660,6 +791,9 @@ def bench(
     report: str | Path | None = None,
     plot: str | Path | None = None,
     progress: bool = True,
+    ci_target: float | None = 0.03,
+    time_budget_s: float = 120.0,
+    max_repeats: int | None = None,
 ) -> SpeedReport:
     """Measure the candidate (and a width-pruned baseline of the same size) against the original.
 
@@ -668,7 +802,8 @@ def bench(
     parameter count; a path uses that checkpoint. onnx_dirs: ONNX exports already made, by model name
     ("original", "candidate", "width"), used by the onnxruntime/tensorrt backends instead of exporting.
     Artifacts made here (width checkpoint, ONNX exports, engines) go to `work_dir` (a temporary directory,
-    removed afterwards, when not given).
+    removed afterwards, when not given). repeats is the minimum: repetitions go on until every speedup's 95%
+    bootstrap interval is within +-ci_target (None: exactly `repeats`), max_repeats, or time_budget_s per batch size.
     """
     from ..converter.width import count_params_of_config
 
@@ -721,7 +856,8 @@ def bench(
             )  # fmt: skip
             for name, p in paths.items()
         ]
-        raw = measure(specs, bs, prompt_len, new_tokens, repeats, warmup, seed, progress)
+        raw = measure(specs, bs, prompt_len, new_tokens, repeats, warmup, seed, progress, ci_target, time_budget_s,
+                      max_repeats, baseline="original")  # fmt: skip
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -739,8 +875,11 @@ def bench(
     settings = dict(device=device, batch_sizes=bs, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
                     warmup=warmup, threads=threads or os.cpu_count(), precision=precision, optimize=optimize,
                     seed=seed, decode_context_for_ideal=decode_ctx, load_average=raw["load_average"],
-                    cpu_count=os.cpu_count())  # fmt: skip
-    rep = SpeedReport(backend, settings, raw["models"], build_rows(raw["runs"]), raw["skipped"])
+                    cpu_count=os.cpu_count(), ci_target=ci_target, time_budget_s=time_budget_s,
+                    repetitions=raw["repetitions"], cores=pinned_cores(threads))  # fmt: skip
+    rows = build_rows(raw["runs"])
+    flag_above_ideal(rows, raw["models"])
+    rep = SpeedReport(backend, settings, raw["models"], rows, raw["skipped"])
     if report is not None:
         from ..io import write_json
 

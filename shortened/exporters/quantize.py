@@ -1,0 +1,300 @@
+"""Weight-only int4/int8 quantization of an exported graph with onnxruntime's own quantizer.
+
+`export_onnx(precision="int4" | "int8")` traces the fp32 graph (fused or portable), checks it as usual, then hands it
+to `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`: every MatMul with a constant weight
+(attention projections, MLP, and the output head unless `head=False`) becomes a MatMulNBits node holding blocked
+int4/int8 weights with one scale (and, asymmetric, one zero point) per `block_size` weights along K. Activations,
+norms, attention and the KV cache stay fp32.
+
+Methods (all onnxruntime's): rtn (its C++ round-to-nearest, `DefaultWeightOnlyQuantConfig`; the one
+onnxruntime-genai's builder uses), hqq (half-quadratic, asymmetric with float zero points, 4 bits), gptq (Hessian
+from calibration activations, 4 bits; the calibration windows run through the fp32 graph).
+
+The embedding: with tied embeddings (SmolLM2) and an rtn-quantized head, the Gather reads the head's own quantized
+table through GatherBlockQuantized (as genai's builder does), so the vocabulary table is stored once, in int4/int8.
+Untied, an int4 rtn export quantizes the table with the quantizer's own Gather support; otherwise it stays fp32.
+
+format="qdq" writes the same blocked int4 weights as DequantizeLinear(block_size) -> MatMul instead (standard ONNX,
+opset 21: what TensorRT 10.x reads); rtn only, 4 bits only, embedding kept fp32.
+
+Defaults (block 32, symmetric, accuracy level 4, head quantized): measured on SmolLM2-135M pruned to 24 blocks, CPU,
+2 threads (see DEFAULTS_MEASURED).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+
+BITS = {"int4": 4, "int8": 8}
+METHODS = ("rtn", "hqq", "gptq")
+FORMATS = ("qoperator", "qdq")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULTS_MEASURED = (
+    "SmolLM2-135M 24 blocks, int4 rtn, CPU 2 threads (load ~1): block 32 vs 128 WikiText-2 PPL (60 x 128) see "
+    "README; accuracy level 4 (int8 activations in MatMulNBits) decodes faster than 0 (fp32) at equal parity"
+)
+
+
+@dataclass
+class QuantOptions:
+    """How the MatMul weights are quantized (every field recorded in export.json)."""
+
+    method: str = "rtn"  # rtn | hqq | gptq
+    block_size: int = 32  # weights per scale along K (16..256, a power of 2)
+    symmetric: bool = True  # no zero points (hqq is always asymmetric)
+    accuracy_level: int = 4  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+    head: bool = True  # quantize the output head too
+    head_bits: int = 0  # the head's (and a shared embedding's) bits: 0 the precision's, 8 keeps it int8 under int4
+    embedding: bool = True  # tied: gather from the head's quantized table; untied int4 rtn: quantize the table
+    format: str = "qoperator"  # qoperator (MatMulNBits, onnxruntime) | qdq (DequantizeLinear -> MatMul, TensorRT)
+
+    def validate(self, bits: int) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.format not in FORMATS:
+            raise UsageError(f"unknown quantization format {self.format!r}; choose qoperator or qdq")
+        if self.block_size not in BLOCK_SIZES:
+            raise UsageError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+        if self.head_bits not in (0, 4, 8) or (self.head_bits and self.method != "rtn"):
+            raise UsageError(f"head bits must be 0 (as the weights), 4 or 8, with rtn; got {self.head_bits}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"accuracy level must be 0..4, got {self.accuracy_level}")
+        if self.method in ("hqq", "gptq") and bits != 4:
+            raise UsageError(f"{self.method} quantizes to 4 bits only in onnxruntime; use --precision int4 or rtn")
+        if self.format == "qdq" and (bits != 4 or self.method != "rtn"):
+            raise UsageError("the QDQ format is written for int4 rtn only (onnxruntime's quantizer); use the default")
+
+
+def _head_node(graph, inits: dict, vocab: int):
+    """The MatMul producing the logits: the last one whose constant weight has vocab columns."""
+    found = None
+    for n in graph.node:
+        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits:
+            dims = list(inits[n.input[1]].dims)
+            if len(dims) == 2 and dims[1] == vocab:
+                found = n
+    return found
+
+
+def _embedding_node(graph, inits: dict):
+    return next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                 and n.input[1] == "input_ids"), None)  # fmt: skip
+
+
+def _unfuse_head(graph, inits: dict) -> int:
+    """onnxscript fuses a tied head (x @ embedding^T) into FusedMatMul(transB=1), which the quantizer skips: turn each
+    such node with a constant weight back into a MatMul on a transposed copy of the weight. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    count = 0
+    for i, n in enumerate(list(graph.node)):
+        if n.op_type != "FusedMatMul" or len(n.input) != 2 or n.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or any(
+            attrs.get(k, 0) for k in ("transBatchA", "transBatchB")
+        ):
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        if w.ndim != 2:
+            continue
+        t = numpy_helper.from_array(w.T.copy(), f"{n.input[1]}_transposed")
+        graph.initializer.append(t)
+        inits[t.name] = t
+        graph.node.remove(n)
+        graph.node.insert(i, helper.make_node("MatMul", [n.input[0], t.name], list(n.output), name=n.name or None))
+        count += 1
+    return count
+
+
+def _name_nodes(graph) -> None:
+    """The quantizer keys exclusions by node name: give unnamed nodes one."""
+    for i, n in enumerate(graph.node):
+        if not n.name:
+            n.name = f"node_{n.op_type}_{i}"
+
+
+def _quantizer_module():
+    """onnxruntime's matmul_nbits_quantizer, imported without its `logging.basicConfig(level=INFO)` taking over the
+    root logger (it would print every node, and other libraries' debug records)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return mnq
+
+
+def _config(opts: QuantOptions, bits: int, calib_reader, gather: bool):
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    mnq = _quantizer_module()
+
+    fmt = QuantFormat.QDQ if opts.format == "qdq" else QuantFormat.QOperator
+    if opts.method == "hqq":
+        return mnq.HQQWeightOnlyQuantConfig(block_size=opts.block_size, bits=bits)
+    if opts.method == "gptq":
+        return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=calib_reader, block_size=128)
+    ops = ("MatMul", "Gather") if gather else ("MatMul",)
+    return mnq.DefaultWeightOnlyQuantConfig(
+        block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=opts.accuracy_level or None,
+        quant_format=fmt, op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits,
+    )  # fmt: skip
+
+
+def _share_embedding(graph, emb, head_name: str, bits: int, block: int, hidden: int, vocab: int, symmetric: bool):
+    """Replace the embedding Gather by Reshape(head's packed weight) -> GatherBlockQuantized [-> Slice]."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    q = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith(head_name))
+    packed, scales = q.input[1], q.input[2]
+    zp = q.input[3] if len(q.input) > 3 and q.input[3] else None
+    padded = (hidden + block - 1) // block * block
+    base = "embed_shared"
+    shape = numpy_helper.from_array(np.array([vocab, padded * bits // 8], np.int64), f"{base}/shape")
+    graph.initializer.append(shape)
+    nodes = [helper.make_node("Reshape", [packed, shape.name], [f"{base}/table"], name=f"{base}/Reshape")]
+    out = emb.output[0]
+    gathered = out if padded == hidden else f"{base}/padded"
+    nodes.append(helper.make_node(
+        "GatherBlockQuantized", [f"{base}/table", emb.input[1], scales] + ([zp] if zp and not symmetric else []),
+        [gathered], name=f"{base}/GatherBlockQuantized", domain="com.microsoft", bits=bits, block_size=block,
+        gather_axis=0, quantize_axis=1,
+    ))  # fmt: skip
+    if padded != hidden:
+        for name, v in (("starts", 0), ("ends", hidden), ("axes", -1)):
+            graph.initializer.append(numpy_helper.from_array(np.array([v], np.int64), f"{base}/{name}"))
+        nodes.append(helper.make_node("Slice", [gathered, f"{base}/starts", f"{base}/ends", f"{base}/axes"], [out],
+                                      name=f"{base}/Slice"))  # fmt: skip
+    i = list(graph.node).index(emb)
+    graph.node.remove(emb)
+    for k, n in enumerate(nodes):
+        graph.node.insert(i + k, n)
+
+
+def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=None):
+    """Quantize an onnx.ModelProto (weights loaded) in place of a copy; returns (ModelProto, record dict)."""
+    graph = model.graph
+    _name_nodes(graph)
+    inits = {t.name: t for t in graph.initializer}
+    _unfuse_head(graph, inits)
+    _name_nodes(graph)
+    vocab = int(config.vocab_size)
+    hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
+    head = _head_node(graph, inits, vocab)
+    emb = _embedding_node(graph, inits)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    share = (opts.embedding and tied and head is not None and opts.head and opts.method == "rtn"
+             and opts.format == "qoperator")  # fmt: skip
+    gather = opts.embedding and not share and bits == 4 and opts.method == "rtn" and opts.format == "qoperator"
+    head_bits = opts.head_bits or bits
+    separate_head = head is not None and opts.head and head_bits != bits
+    exclude = [] if (opts.head and not separate_head) or head is None else [head.name]
+    n_matmul = sum(1 for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+    passes = [(bits, exclude, opts)]
+    if separate_head:  # a second pass: only the head is still a plain MatMul
+        passes.append((head_bits, [], QuantOptions(**{**asdict(opts), "method": "rtn"})))
+    for b, excl, o in passes:
+        model = _run_quantizer(model, b, o, excl, _config(o, b, calib_reader, gather and b == 4))
+    out = model
+    if share and emb is not None:
+        _share_embedding(out.graph, emb, head.name, head_bits, opts.block_size, hidden, vocab, opts.symmetric)
+        _drop_unused_initializers(out.graph)
+    ops = [n.op_type for n in out.graph.node]
+    quantized = ops.count("MatMulNBits") if opts.format == "qoperator" else ops.count("DequantizeLinear")
+    embedding = "float32"
+    if share and emb is not None:
+        embedding = f"shared with the quantized head (GatherBlockQuantized, {head_bits} bits)"
+    elif "GatherBlockQuantized" in ops:
+        embedding = "quantized int4 (GatherBlockQuantized)"
+    record = {**asdict(opts), "bits": bits, "symmetric": opts.symmetric and opts.method != "hqq",
+              "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+              "matmuls": n_matmul, "quantized_matmuls": quantized, "head_quantized": bool(opts.head and head),
+              "head_bits": head_bits if opts.head and head else None, "tied_embeddings": tied,
+              "embedding_table": embedding, "activations": "float32"}  # fmt: skip
+    if quantized == 0:
+        raise UsageError("the quantizer found no MatMul with a constant weight to quantize in this graph")
+    return out, record
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _run_quantizer(model, bits, opts, exclude, algo):
+    MatMulNBitsQuantizer = _quantizer_module().MatMulNBitsQuantizer  # noqa: N806
+
+    q = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=opts.block_size, is_symmetric=opts.symmetric and opts.method != "hqq",
+        accuracy_level=opts.accuracy_level or None, nodes_to_exclude=exclude, algo_config=algo,
+    )  # fmt: skip
+    quiet = not log.isEnabledFor(logging.INFO)  # the quantizer logs every node at INFO
+    qlogs = [logging.getLogger(n) for n in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime")]
+    levels = [lg.level for lg in qlogs]
+    for lg in qlogs:
+        lg.setLevel(logging.WARNING if quiet else lg.level)
+    try:
+        q.process()
+    finally:
+        for lg, lv in zip(qlogs, levels):
+            lg.setLevel(lv)
+    return q.model.model
+
+
+class WindowReader:
+    """onnxruntime CalibrationDataReader over token windows: each window as one prefill with an empty cache."""
+
+    def __init__(self, windows, config, has_cache: bool = True):
+        import numpy as np
+
+        from .onnx import cache_geometry, kv_names
+
+        n_layers, _, kv, head_dim = cache_geometry(config)
+        self.feeds = []
+        for w in windows:
+            ids = np.asarray(w, np.int64)[None]
+            pos = np.arange(ids.shape[1])[None]
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": pos}
+            if has_cache:
+                for name in kv_names(n_layers)[0]:
+                    feed[name] = np.zeros((1, kv, 0, head_dim), np.float32)
+            self.feeds.append(feed)
+        self._it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def __deepcopy__(self, memo):  # the GPTQ path deep-copies its reader
+        new = WindowReader.__new__(WindowReader)
+        new.feeds, new._it = self.feeds, iter(self.feeds)
+        return new
+
+
+def calibration_windows(calib: str, tokenizer, num_samples: int = 10, seq_len: int = 128, seed: int = 0):
+    """Token windows from the calibration set (converter.calibration), for GPTQ."""
+    from ..converter.calibration import CalibSpec, load_calibration
+
+    spec = CalibSpec(calib, num_samples, seq_len, seed)
+    spec.validate()
+    batch = load_calibration(spec, tokenizer)
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+
+
+__all__ = ["BITS", "METHODS", "QuantOptions", "WindowReader", "calibration_windows", "quantize_proto"]
