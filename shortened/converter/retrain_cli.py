@@ -101,7 +101,7 @@ def register(sub, groups) -> None:
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("eval", help="perplexity (paper protocol) and zero-shot accuracy (lm-eval)")
-    p.add_argument("model", help="model directory, hub id, or .gguf file")
+    p.add_argument("model", help="model directory, hub id, .gguf file, or an ONNX export (run in onnxruntime)")
     p.add_argument("--ppl", default=None, help="comma list of text sources: wikitext2, ptb, or text files")
     p.add_argument("--seq-len", type=int, default=128, help="perplexity window length in tokens (default 128)")
     p.add_argument("--add-bos", action="store_true", default=None, help="BOS on every window (default: Gemma only)")

@@ -9,7 +9,21 @@ def register(sub, groups) -> None:
     p = groups["export"].add_parser("onnx", help="export to ONNX with a KV cache (Optimum's layout)")
     p.add_argument("model", help="model directory or hub id (e.g. a checkpoint written by `shortened prune`)")
     p.add_argument("--out", required=True, help="output directory (appears only when complete)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights, compute and cache")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int4", "int8"],
+                   help="weights, compute and cache; int4/int8: fp32 graph with weight-only quantized MatMuls")
+    q = p.add_argument_group("int4/int8 (onnxruntime's MatMulNBits quantizer; defaults measured on SmolLM2)")
+    q.add_argument("--quant-method", default="rtn", choices=["rtn", "hqq", "gptq"],
+                   help="rtn (round to nearest), hqq, or gptq calibrated on --calib (default rtn)")
+    q.add_argument("--block-size", type=int, default=32, help="weights per scale along K (16..256, default 32)")
+    q.add_argument("--asymmetric", dest="symmetric", action="store_false", help="zero points per block (rtn)")
+    q.add_argument("--accuracy-level", type=int, default=4,
+                   help="MatMulNBits compute: 4 int8 activations (default), 1 fp32, 0 unset")
+    q.add_argument("--head-bits", type=int, default=0, choices=[0, 4, 8],
+                   help="bits of the output head (and a tied embedding); 0: as --precision")
+    q.add_argument("--no-quantize-head", dest="quantize_head", action="store_false", help="keep the head fp32")
+    q.add_argument("--quant-format", default="qoperator", choices=["qoperator", "qdq"],
+                   help="qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no --optimize)")
+    q.add_argument("--calib", help="calibration text for --quant-method gptq (.txt, .jsonl or hf:DATASET)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's own, 18 or newer)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="a plain logits model without KV cache")
     p.add_argument("--optimize", action="store_true", help="onnxruntime fusions, kept only if padded batches match")
@@ -27,6 +41,11 @@ def cmd_export_onnx(args) -> int:
     from .onnx import export_onnx
 
     threshold = None if args.external_data_threshold == -1 else args.external_data_threshold
+    quant = None
+    if args.precision in ("int4", "int8"):
+        quant = dict(method=args.quant_method, block_size=args.block_size, symmetric=args.symmetric,
+                     accuracy_level=args.accuracy_level, head=args.quantize_head, head_bits=args.head_bits,
+                     format=args.quant_format)  # fmt: skip
     summary = export_onnx(
         args.model,
         args.out,
@@ -38,6 +57,8 @@ def cmd_export_onnx(args) -> int:
         external_data_threshold=threshold,
         force=args.force,
         load=load_options(args),
+        quant=quant,
+        calib=args.calib,
     )
     print(json.dumps(summary))
     return 0

@@ -24,6 +24,7 @@ Defaults (block 32, symmetric, accuracy level 4, head quantized): measured on Sm
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 
 from ..errors import UsageError
@@ -60,8 +61,8 @@ class QuantOptions:
             raise UsageError(f"unknown quantization format {self.format!r}; choose qoperator or qdq")
         if self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
-        if self.head_bits not in (0, 4, 8) or (self.head_bits and self.method != "rtn"):
-            raise UsageError(f"head bits must be 0 (as the weights), 4 or 8, with rtn; got {self.head_bits}")
+        if self.head_bits not in (0, 4, 8):
+            raise UsageError(f"head bits must be 0 (as the weights), 4 or 8; got {self.head_bits}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0..4, got {self.accuracy_level}")
         if self.method in ("hqq", "gptq") and bits != 4:
@@ -132,7 +133,7 @@ def _quantizer_module():
     return mnq
 
 
-def _config(opts: QuantOptions, bits: int, calib_reader, gather: bool):
+def _config(opts: QuantOptions, bits: int, calib_reader, ops=("MatMul",)):
     from onnxruntime.quantization.quant_utils import QuantFormat
 
     mnq = _quantizer_module()
@@ -142,7 +143,6 @@ def _config(opts: QuantOptions, bits: int, calib_reader, gather: bool):
         return mnq.HQQWeightOnlyQuantConfig(block_size=opts.block_size, bits=bits)
     if opts.method == "gptq":
         return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=calib_reader, block_size=128)
-    ops = ("MatMul", "Gather") if gather else ("MatMul",)
     return mnq.DefaultWeightOnlyQuantConfig(
         block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=opts.accuracy_level or None,
         quant_format=fmt, op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits,
@@ -192,19 +192,31 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     head = _head_node(graph, inits, vocab)
     emb = _embedding_node(graph, inits)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    share = (opts.embedding and tied and head is not None and opts.head and opts.method == "rtn"
-             and opts.format == "qoperator")  # fmt: skip
-    gather = opts.embedding and not share and bits == 4 and opts.method == "rtn" and opts.format == "qoperator"
     head_bits = opts.head_bits or bits
-    separate_head = head is not None and opts.head and head_bits != bits
+    # the head gets its own rtn pass when its bits differ, or when the method cannot feed a shared embedding
+    # (hqq's float zero points, which GatherBlockQuantized cannot read)
+    separate_head = head is not None and opts.head and (head_bits != bits or (tied and opts.method == "hqq"))
+    head_method = "rtn" if separate_head else opts.method
+    qop = opts.format == "qoperator"
+    share = opts.embedding and tied and head is not None and opts.head and head_method == "rtn" and qop
+    gather = opts.embedding and not share and emb is not None and qop and bits == 4  # the table alone: int4 rtn
     exclude = [] if (opts.head and not separate_head) or head is None else [head.name]
     n_matmul = sum(1 for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits)
-    passes = [(bits, exclude, opts)]
+    rtn = QuantOptions(**{**asdict(opts), "method": "rtn"})
+    passes = [(bits, exclude, opts, ("MatMul",))]
     if separate_head:  # a second pass: only the head is still a plain MatMul
-        passes.append((head_bits, [], QuantOptions(**{**asdict(opts), "method": "rtn"})))
-    for b, excl, o in passes:
-        model = _run_quantizer(model, b, o, excl, _config(o, b, calib_reader, gather and b == 4))
+        passes.append((head_bits, [], rtn, ("MatMul",)))
+    if gather:
+        passes.append((4, [], rtn, ("Gather",)))
+    for b, excl, o, ops in passes:
+        model = _run_quantizer(model, b, o, excl, _config(o, b, calib_reader, ops))
     out = model
+    if opts.accuracy_level and qop:  # hqq and gptq write no accuracy level: the same compute for every method
+        from onnx import helper
+
+        for n in out.graph.node:
+            if n.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in n.attribute):
+                n.attribute.append(helper.make_attribute("accuracy_level", opts.accuracy_level))
     if share and emb is not None:
         _share_embedding(out.graph, emb, head.name, head_bits, opts.block_size, hidden, vocab, opts.symmetric)
         _drop_unused_initializers(out.graph)
@@ -219,6 +231,7 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
               "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
               "matmuls": n_matmul, "quantized_matmuls": quantized, "head_quantized": bool(opts.head and head),
               "head_bits": head_bits if opts.head and head else None, "tied_embeddings": tied,
+              "head_method": head_method if opts.head and head else None,
               "embedding_table": embedding, "activations": "float32"}  # fmt: skip
     if quantized == 0:
         raise UsageError("the quantizer found no MatMul with a constant weight to quantize in this graph")
@@ -297,4 +310,63 @@ def calibration_windows(calib: str, tokenizer, num_samples: int = 10, seq_len: i
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask)]
 
 
-__all__ = ["BITS", "METHODS", "QuantOptions", "WindowReader", "calibration_windows", "quantize_proto"]
+
+
+
+def quantize_export(onnx_dir, out, precision: str = "int4", quant=None, calib: str | None = None,
+                    force: bool = False, external_data_threshold: int | None = 1024) -> dict:  # fmt: skip
+    """Quantize an fp32 export directory (`shortened export onnx`) into `out`: the same graph with int4/int8 MatMul
+    weights and the same side files; export.json records the source and every choice. No re-trace: `convert` makes
+    each precision of its list from one fp32 export this way."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import onnx
+    import onnx_ir
+    from transformers import AutoConfig
+
+    from ..io import atomic_dir, check_output_dir, write_json
+    from .onnx import DATA_FILE, ONNX_FILE, RECORD_FILE, _quant_options, _save
+
+    src = Path(onnx_dir)
+    record = json.loads((src / RECORD_FILE).read_text()) if (src / RECORD_FILE).is_file() else {}
+    if not (src / ONNX_FILE).is_file():
+        raise UsageError(f"{onnx_dir} holds no {ONNX_FILE}; pass a directory written by `shortened export onnx`")
+    if record.get("precision", "fp32") != "fp32":
+        raise UsageError(f"{onnx_dir} is a {record['precision']} export; quantize an fp32 export")
+    opts = _quant_options(precision, quant, False, calib)
+    check_output_dir(out, force, inputs=(str(src),))
+    t0 = time.perf_counter()
+    config = AutoConfig.from_pretrained(src)
+    proto = onnx.load(str(src / ONNX_FILE))
+    if opts.format == "qdq" and any(n.domain == "com.microsoft" for n in proto.graph.node):
+        raise UsageError(f"{onnx_dir} is the fused onnxruntime graph; the QDQ format is for TensorRT, which cannot run "
+                         "it: quantize an export made without --optimize")  # fmt: skip
+    reader = None
+    if opts.method == "gptq":
+        from transformers import AutoTokenizer
+
+        has_cache = any(i.name.startswith("past_key_values") for i in proto.graph.input)
+        reader = WindowReader(calibration_windows(calib, AutoTokenizer.from_pretrained(src)), config, has_cache)
+    qproto, qrec = quantize_proto(proto, BITS[precision], opts, config, reader)
+    if reader is not None:
+        qrec["calibration"] = {"source": str(calib), "windows": len(reader.feeds)}
+    qrec["seconds"] = round(time.perf_counter() - t0, 2)
+    with atomic_dir(out, force, inputs=(str(src),)) as staging:
+        model = onnx_ir.from_proto(qproto)
+        _save(model, staging / ONNX_FILE, external_data_threshold)
+        for p in src.iterdir():
+            if p.is_file() and p.name not in (ONNX_FILE, DATA_FILE, RECORD_FILE):
+                shutil.copy2(p, staging / p.name)
+        files = [p for p in staging.iterdir() if p.name.startswith(ONNX_FILE)]
+        summary = {**{k: v for k, v in record.items() if k != "versions"}, "path": str(Path(out) / ONNX_FILE),
+                   "precision": precision, "nodes": len(qproto.graph.node), "quantized_from": str(src),
+                   "opset": next((o.version for o in qproto.opset_import if o.domain in ("", "ai.onnx")), None),
+                   "size_bytes": sum(p.stat().st_size for p in files), "external_data": (staging / DATA_FILE).is_file(),
+                   "quantization": qrec}  # fmt: skip
+        write_json(staging / RECORD_FILE, {**summary, "versions": record.get("versions")})
+    return summary
+
+__all__ = ["BITS", "METHODS", "QuantOptions", "WindowReader", "calibration_windows", "quantize_export",
+           "quantize_proto"]  # fmt: skip

@@ -310,6 +310,35 @@ def op_support(model, trt_version: str) -> dict:
     return {"ops": dict(sorted(counts.items())), "unsupported": unsupported}
 
 
+def blocked_qdq_problems(model, trt_version: str) -> list[str]:
+    """Weight-only blocked quantization (DequantizeLinear with block_size, opset 21; `--precision int4 --quant-format
+    qdq`): TensorRT 10.0 and later parse INT4 block-quantized weights, 2-D and symmetric only (zero points 0)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    found, problems = 0, set()
+    for n in _walk_nodes(model.graph):
+        if n.op_type != "DequantizeLinear" or not any(a.name == "block_size" and a.i for a in n.attribute):
+            continue
+        found += 1
+        w = inits.get(n.input[0])
+        if w is None:
+            problems.add("blocked DequantizeLinear of a non-constant input (TensorRT quantizes weights only)")
+            continue
+        if w.data_type not in (22, 21):  # INT4, UINT4
+            problems.add(f"blocked quantization of element type {w.data_type} (TensorRT blocks INT4 weights only)")
+        if len(w.dims) != 2:
+            problems.add(f"blocked quantization of a {len(w.dims)}-D weight (TensorRT: 2-D weights only)")
+        if len(n.input) > 2 and n.input[2]:
+            zp = inits.get(n.input[2])
+            if zp is None or w.data_type == 21 or numpy_helper.to_array(zp).any():
+                problems.add("asymmetric weights (zero points): TensorRT takes symmetric quantization only; "
+                             "export int4 without --asymmetric")  # fmt: skip
+    if found and _version_tuple(trt_version) < (10, 0):
+        problems.add(f"INT4 block-quantized weights need TensorRT 10.0 or later, targeted {trt_version}")
+    return sorted(problems)
+
+
 def graph_precision(model) -> dict:
     """The float types of a graph: KV-cache inputs, logits output and the weights (by bytes)."""
     inputs = graph_inputs(model)
@@ -409,6 +438,7 @@ def preflight(onnx_path, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precision: str | 
         listed = "; ".join(f"{', '.join(op_names)} ({why})" for why, op_names in by_reason.items())
         problems.append(f"ops TensorRT {target} cannot parse: {listed}")
 
+    problems += blocked_qdq_problems(model, target)
     prec = graph_precision(model)
     if precision is not None and precision not in PRECISIONS:
         problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -1,0 +1,194 @@
+"""int4/int8 weight-only exports (onnxruntime's MatMulNBits quantizer), their parity against fp32 PyTorch, and
+perplexity through the exported artifact. Tiny models only; one fp32 export per family, quantized twice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from shortened.cli import main
+from shortened.errors import UsageError
+
+FAMILY_GRAPHS = {"llama": True, "qwen2": False, "mistral": True}  # optimize: fused (GQA) graph or portable
+PARITY = dict(batch_sizes=(1, 2), seq_lens=(12,), new_tokens=6, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory):
+    """2-block random models (the tracing time grows with the blocks; 2 are enough to quantize and compare)."""
+    from conftest import make_tiny
+
+    root = tmp_path_factory.mktemp("q-models")
+    return {fam: make_tiny(fam, root / fam, layers=2) for fam in FAMILY_GRAPHS}
+
+
+@pytest.fixture(scope="module")
+def fp32_exports(small_models, tmp_path_factory):
+    from shortened.exporters.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("q-fp32")
+    out = {}
+    for fam, optimize in FAMILY_GRAPHS.items():
+        export_onnx(str(small_models[fam]), root / fam, optimize=optimize, progress=False)
+        out[fam] = root / fam
+    return out
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node]
+
+
+@pytest.mark.parametrize("family", list(FAMILY_GRAPHS))
+def test_int4_and_int8_exports_pass_their_parity_defaults(family, small_models, fp32_exports, tmp_path):
+    from shortened.exporters.quantize import quantize_export
+    from shortened.validators.parity import DEFAULT_TOLERANCES, validate_parity
+
+    sizes = {"fp32": json.loads((fp32_exports[family] / "export.json").read_text())["size_bytes"]}
+    for precision in ("int4", "int8"):
+        out = tmp_path / precision
+        summary = quantize_export(fp32_exports[family], out, precision)
+        q = json.loads((out / "export.json").read_text())["quantization"]
+        assert q["bits"] == int(precision[3]) and q["method"] == "rtn" and q["block_size"] == 32
+        assert q["head_quantized"] and q["quantized_matmuls"] == q["matmuls"]
+        ops = _ops(out)
+        assert ops.count("MatMulNBits") == q["matmuls"]  # every MatMul with a constant weight (attention's stay)
+        assert ("GroupQueryAttention" in ops) == FAMILY_GRAPHS[family]
+        assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
+        sizes[precision] = summary["size_bytes"]
+        rep = validate_parity(str(small_models[family]), out, **PARITY)
+        assert rep.precision == precision and rep.tolerances == DEFAULT_TOLERANCES[precision]
+        assert rep.passed, rep.table()
+        assert all(c.mean_kl > 0 for c in rep.cases)  # the quantized model really differs from fp32
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+
+
+def test_export_int4_cli_and_a_wrongly_quantized_weight_fails_parity(small_models, tmp_path, capsys):
+    src = str(small_models["llama"])
+    out = tmp_path / "int4"
+    assert main(["export", "onnx", src, "--out", str(out), "--precision", "int4", "--optimize"]) == 0
+    rec = json.loads((out / "export.json").read_text())
+    assert rec["precision"] == "int4" and rec["optimize"]["graph"] == "fused"
+    assert rec["quantization"]["accuracy_level"] == 4 and rec["quantization"]["symmetric"] is True
+    assert rec["quantization"]["padded_rel_diff_vs_torch_fp32"] < 1
+    args = ["validate", "parity", "--reference", src, "--batch-sizes", "1,2", "--seq-lens", "12", "--new-tokens", "6"]
+    assert main([*args, "--onnx", str(out)]) == 0
+    capsys.readouterr()
+    # one weight quantized wrongly: the scales of one MLP projection doubled
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    model = onnx.load(str(bad / "model.onnx"))
+    name = next(n.input[2] for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[2].startswith("val"))
+    init = next(t for t in model.graph.initializer if t.name == name)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init, str(bad)) * 2, name))
+    onnx.save(model, str(bad / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    assert main([*args, "--onnx", str(bad)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_tied_embedding_is_gathered_from_the_quantized_head(tmp_path):
+    """A tied model (SmolLM2's layout): the embedding reads the head's int4/int8 table (GatherBlockQuantized), no fp32
+    table is left, symmetric and asymmetric, and the export still matches fp32 PyTorch within the defaults."""
+    import torch
+    from conftest import char_tokenizer, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from shortened.converter.checkpoint import save_checkpoint
+    from shortened.exporters.onnx import export_onnx
+    from shortened.exporters.quantize import quantize_export
+    from shortened.validators.parity import validate_parity
+
+    cfg = tiny_config("llama", layers=2)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+    save_checkpoint(model, char_tokenizer(), tmp_path / "tied")
+    export_onnx(str(tmp_path / "tied"), tmp_path / "fp32", optimize=True, progress=False)
+    for precision, quant in (("int4", {"symmetric": False}), ("int8", {})):
+        out = tmp_path / precision
+        quantize_export(tmp_path / "fp32", out, precision, quant=quant)
+        q = json.loads((out / "export.json").read_text())["quantization"]
+        assert q["tied_embeddings"] and q["embedding_table"].startswith("shared with the quantized head")
+        m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        assert [n.op_type for n in m.graph.node].count("GatherBlockQuantized") == 1
+        floats = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and 256 in t.dims]
+        assert all(len(t.dims) == 2 and t.dims[1] < 64 for t in floats), [t.name for t in floats]  # scales only
+        rep = validate_parity(str(tmp_path / "tied"), out, **PARITY)
+        assert rep.passed, rep.table()
+
+
+def test_qdq_int4_runs_in_onnxruntime_and_passes_tensorrt_preflight(small_models, fp32_exports, tmp_path):
+    from shortened.exporters.quantize import quantize_export
+    from shortened.exporters.tensorrt import preflight
+    from shortened.validators.parity import validate_parity
+
+    out = tmp_path / "qdq"
+    quantize_export(fp32_exports["qwen2"], out, "int4", quant={"format": "qdq"})
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and all(a.i == 32 for n in dq for a in n.attribute if a.name == "block_size")
+    assert not any(n.domain == "com.microsoft" for n in m.graph.node)
+    assert validate_parity(str(small_models["qwen2"]), out, **PARITY).passed
+    report = preflight(out / "model.onnx", batch=(1, 1, 2), seq=(1, 16, 64), trt_version="10.15")
+    assert report["ok"], report["problems"]
+    asym = tmp_path / "asym"
+    quantize_export(fp32_exports["qwen2"], asym, "int4", quant={"format": "qdq", "symmetric": False})
+    bad = preflight(asym / "model.onnx", batch=(1, 1, 2), seq=(1, 16, 64), trt_version="10.15")
+    assert not bad["ok"] and any("symmetric" in p for p in bad["problems"])
+    with pytest.raises(UsageError, match="TensorRT"):
+        quantize_export(fp32_exports["llama"], tmp_path / "x", "int4", quant={"format": "qdq"})  # the fused graph
+
+
+def test_bad_quantization_options_exit_2(small_models, fp32_exports, tmp_path, capsys):
+    src = str(small_models["llama"])
+    cases = [
+        (["--precision", "int8", "--quant-method", "hqq"], "4 bits"),
+        (["--precision", "int4", "--quant-method", "gptq"], "calibration"),
+        (["--precision", "int4", "--block-size", "48"], "block size"),
+        (["--precision", "int4", "--quant-format", "qdq", "--optimize"], "TensorRT"),
+        (["--precision", "int4", "--exporter", "optimum"], "torch exporter"),
+    ]
+    for extra, message in cases:
+        assert main(["export", "onnx", src, "--out", str(tmp_path / "o"), *extra]) == 2, extra
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    from shortened.exporters.quantize import quantize_export
+
+    with pytest.raises(UsageError, match="unknown quantization option"):
+        quantize_export(fp32_exports["llama"], tmp_path / "y", "int4", quant={"bits": 3})
+
+
+def test_onnx_perplexity_equals_pytorch_for_fp32(small_models, fp32_exports, calib_file):
+    from shortened.converter.loading import load_model
+    from shortened.validators.quality import evaluate, perplexity
+
+    for fam in ("llama", "qwen2"):
+        m = load_model(str(small_models[fam]))
+        ref = perplexity(m.model, m.tokenizer, str(calib_file), seq_len=32, max_windows=6, progress=False)
+        got = evaluate(str(fp32_exports[fam]), ppl=str(calib_file), seq_len=32, max_windows=6, progress=False)
+        p = got["perplexity"][str(calib_file)]
+        assert got["runtime"] == "onnxruntime" and p["tokens"] == ref.tokens
+        assert p["ppl"] == pytest.approx(ref.ppl, rel=1e-4)
+    with pytest.raises(UsageError, match="zero-shot"):
+        evaluate(str(fp32_exports["llama"]), ppl=str(calib_file), tasks="arc_easy")
+
+
+def test_gptq_is_calibrated_on_the_calibration_set(small_models, fp32_exports, calib_file, tmp_path):
+    from shortened.exporters.quantize import quantize_export
+    from shortened.validators.parity import validate_parity
+
+    out = tmp_path / "gptq"
+    quantize_export(fp32_exports["llama"], out, "int4", quant={"method": "gptq"}, calib=str(calib_file))
+    q = json.loads((out / "export.json").read_text())["quantization"]
+    assert q["method"] == "gptq" and q["calibration"]["windows"] == 10
+    assert "MatMulNBits" in _ops(out)
+    assert validate_parity(str(small_models["llama"]), out, **PARITY).passed
+    assert np.isfinite(q["seconds"])
