@@ -63,6 +63,9 @@ class ConvertConfig:
     retrain_options: dict = field(default_factory=dict)
     # export
     precision: str = "fp32"
+    precisions: list = field(default_factory=list)  # e.g. ["fp32", "int4"]: each exported, checked, measured; the
+    # last is the deployed artifact (gated); empty: [precision]
+    quant_options: dict = field(default_factory=dict)  # int4/int8: exporters.quantize.QuantOptions fields
     opset: int = 0  # 0: the exporter's default
     optimize: bool = False  # onnxruntime's fused graph (GroupQueryAttention); TensorRT then gets a portable export
     tensorrt: str = "auto"  # auto: build where TensorRT and a GPU are present; on: required; off
@@ -116,8 +119,17 @@ class ConvertConfig:
             raise UsageError(f"unknown retrain method {self.retrain!r}; choose lora, full or distill")
         if self.retrain and not self.retrain_data:
             raise UsageError("retraining needs data: pass --retrain-data FILE")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise UsageError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
+        if self.precision not in ("fp32", "fp16", "bf16", "int4", "int8"):
+            raise UsageError(f"unknown precision {self.precision!r}; choose fp32, fp16, bf16, int4 or int8")
+        bad = [p for p in self.precisions if p not in ("fp32", "fp16", "bf16", "int4", "int8")]
+        if bad or len(set(self.precisions)) != len(self.precisions):
+            raise UsageError(f"precisions must be distinct, of fp32, fp16, bf16, int4, int8; got {self.precisions}")
+        if any(p in ("int4", "int8") for p in self.all_precisions()) or self.quant_options:
+            from .exporters.onnx import _quant_options
+
+            for p in self.all_precisions():
+                if p in ("int4", "int8"):
+                    _quant_options(p, dict(self.quant_options), self.optimize, self.calib or None)
         if self.tensorrt not in ("auto", "on", "off"):
             raise UsageError(f"tensorrt must be auto, on or off, got {self.tensorrt!r}")
         if self.speed_backend not in ("torch", "onnxruntime", "tensorrt"):
@@ -142,7 +154,21 @@ class ConvertConfig:
                 raise UsageError(f"{name} must not be negative")
 
 
+    def all_precisions(self) -> list:
+        """The exported precisions in order; the last one is deployed (and gated)."""
+        return list(self.precisions) or [self.precision]
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(ConvertConfig)}
+
+
+def _onnx_dir(work: Path, cfg: ConvertConfig, precision: str) -> Path:
+    """The first precision's export is <out>/onnx (as with one precision); the others <out>/onnx-<precision>."""
+    return work / "onnx" if precision == cfg.all_precisions()[0] else work / f"onnx-{precision}"
+
+
+def _suffix(cfg: ConvertConfig, precision: str) -> str:
+    return "" if precision == cfg.all_precisions()[0] else f"-{precision}"
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -389,23 +415,39 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
         retrain_info = _run_step(steps, "retrain", retrain_key, do_retrain, say)
         final_dir, final_key = work / "retrained", retrain_key
 
-    # 4. ONNX export
-    onnx_key = _key("onnx", final_key, cfg.precision, cfg.opset, cfg.optimize)
+    # 4. ONNX export: every precision; int4/int8 quantize this run's fp32 export when there is one (no re-trace)
+    precisions = cfg.all_precisions()
+    onnx_keys, exports = {}, {}
+    for prec in precisions:
+        quantized = prec in ("int4", "int8")
+        from_fp32 = quantized and "fp32" in precisions
+        onnx_keys[prec] = _key("onnx", final_key, prec, cfg.opset, cfg.optimize,
+                               cfg.quant_options if quantized else None, onnx_keys.get("fp32") if from_fp32 else None,
+                               cfg.calib if quantized else None)  # fmt: skip
 
-    def do_onnx():
-        from .exporters.onnx import export_onnx
+        def do_onnx(prec=prec, quantized=quantized, from_fp32=from_fp32):
+            from .exporters.onnx import export_onnx
 
-        return export_onnx(
-            str(final_dir),
-            _replace_dir(work / "onnx"),
-            precision=cfg.precision,
-            opset=cfg.opset or None,
-            optimize=cfg.optimize,
-            force=True,
-            progress=progress,
-        )
+            target = _replace_dir(_onnx_dir(work, cfg, prec))
+            if from_fp32:
+                from .exporters.quantize import quantize_export
 
-    onnx_info = _run_step(steps, "onnx", onnx_key, do_onnx, say)
+                return quantize_export(_onnx_dir(work, cfg, "fp32"), target, prec, quant=dict(cfg.quant_options),
+                                       calib=cfg.calib or None, force=True)  # fmt: skip
+            return export_onnx(
+                str(final_dir),
+                target,
+                precision=prec,
+                opset=cfg.opset or None,
+                optimize=cfg.optimize,
+                force=True,
+                progress=progress,
+                quant=dict(cfg.quant_options) if quantized else None,
+                calib=cfg.calib or None,
+            )
+
+        exports[prec] = _run_step(steps, "onnx" + _suffix(cfg, prec), onnx_keys[prec], do_onnx, say)
+    onnx_key, onnx_info = onnx_keys[precisions[0]], exports[precisions[0]]
 
     # 5. TensorRT, where TensorRT and a GPU are present
     trt_info = {"skipped": "tensorrt = off"} if cfg.tensorrt == "off" else None
@@ -435,42 +477,46 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
 
             trt_info = _run_step(steps, "tensorrt", trt_key, do_trt, say)
 
-    # 6. parity: the exported model against the PyTorch model it came from
-    parity_key = _key(
-        "parity",
-        onnx_key,
-        cfg.parity_new_tokens,
-        cfg.parity_batch_sizes,
-        cfg.parity_tolerances,
-        cfg.parity_prompts,
-        cfg.calib,
-    )
+    # 6. parity: each exported precision against the PyTorch (fp32 for int4/int8) model it came from
+    parities = {}
+    for prec in precisions:
+        sfx = _suffix(cfg, prec)
+        parity_key = _key("parity", onnx_keys[prec], cfg.parity_new_tokens, cfg.parity_batch_sizes,
+                          cfg.parity_tolerances, cfg.parity_prompts, cfg.calib)  # fmt: skip
 
-    def do_parity():
-        from .validators.parity import validate_parity
+        def do_parity(prec=prec, sfx=sfx):
+            from .validators.parity import validate_parity
 
-        prompts = cfg.parity_prompts or (cfg.calib if cfg.calib and Path(cfg.calib).suffix == ".txt" else None)
-        rep = validate_parity(
-            str(final_dir),
-            work / "onnx",
-            tolerances=cfg.parity_tolerances or None,
-            prompts_file=prompts,
-            batch_sizes=tuple(cfg.parity_batch_sizes),
-            new_tokens=cfg.parity_new_tokens,
-            seed=cfg.seed,
-            progress=progress,
-        )
-        write_json(work / "parity.json", rep.to_dict())
-        (work / "parity.txt").write_text(rep.table() + "\n")
-        return {"passed": rep.passed, "failures": rep.failures, "providers": rep.providers}
+            prompts = cfg.parity_prompts or (cfg.calib if cfg.calib and Path(cfg.calib).suffix == ".txt" else None)
+            rep = validate_parity(
+                str(final_dir),
+                _onnx_dir(work, cfg, prec),
+                tolerances=cfg.parity_tolerances or None,
+                prompts_file=prompts,
+                batch_sizes=tuple(cfg.parity_batch_sizes),
+                new_tokens=cfg.parity_new_tokens,
+                seed=cfg.seed,
+                progress=progress,
+            )
+            write_json(work / f"parity{sfx}.json", rep.to_dict())
+            (work / f"parity{sfx}.txt").write_text(rep.table() + "\n")
+            return {"passed": rep.passed, "failures": rep.failures, "providers": rep.providers, "precision": prec}
 
-    parity = _run_step(steps, "parity", parity_key, do_parity, say)
+        parities[prec] = _run_step(steps, "parity" + sfx, parity_key, do_parity, say)
+    parity = {
+        "passed": all(p["passed"] for p in parities.values()),
+        "failures": [f"{k}: {f}" for k, p in parities.items() for f in p["failures"]],
+        "providers": parities[precisions[0]]["providers"],
+        "by_precision": parities,
+    }
 
-    # 7. quality: perplexity of the original, the pruned and the retrained model
+    # 7. quality: perplexity of the original, the pruned and the retrained model (PyTorch), then of every exported
+    # artifact through onnxruntime: original -> pruned -> onnx fp32 -> onnx int4 ...
     quality = None
     if cfg.eval_text:
         text_fp = fingerprint_path(cfg.eval_text) if Path(cfg.eval_text).is_file() else cfg.eval_text
-        quality_key = _key("quality", model_fp, prune_key, final_key, text_fp, cfg.eval_seq_len, cfg.eval_max_windows)
+        quality_key = _key("quality", model_fp, prune_key, final_key, text_fp, cfg.eval_seq_len, cfg.eval_max_windows,
+                           [onnx_keys[p] for p in precisions])  # fmt: skip
 
         def do_quality():
             from .converter.loading import load_model
@@ -493,7 +539,15 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
                 )
                 res[name] = p.to_dict()
                 say(f"[quality] {name}: perplexity {p.ppl:.2f} over {p.windows} windows of {p.seq_len}")
+                tokenizer = m.tokenizer
                 del m
+            from .validators.quality import perplexity_onnx
+
+            for prec in precisions:  # the artifacts themselves, in onnxruntime
+                p = perplexity_onnx(_onnx_dir(work, cfg, prec), tokenizer, cfg.eval_text, cfg.eval_seq_len,
+                                    add_bos=cfg.add_bos, max_windows=cfg.eval_max_windows or None, progress=progress)
+                res[f"onnx {prec}"] = {**p.to_dict(), "runtime": "onnxruntime"}
+                say(f"[quality] onnx {prec}: perplexity {p.ppl:.2f} (onnxruntime)")
             write_json(work / "quality.json", res)
             return res
 
@@ -517,6 +571,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
             cfg.precision,
             cfg.optimize,
             cfg.device,
+            [onnx_keys[p] for p in precisions[1:]],
         )
 
         def do_speed():
@@ -537,9 +592,11 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
                 time_budget_s=cfg.speed_time_budget,
                 width_baseline=cfg.width_baseline,
                 device="cuda" if cfg.device != "cpu" else "cpu",
-                precision=cfg.precision,
+                precision=precisions[0],
                 optimize=cfg.optimize,
                 onnx_dirs={"candidate": str(work / "onnx")} if cfg.speed_backend == "onnxruntime" else None,
+                extra_candidates={f"candidate-{p}": str(_onnx_dir(work, cfg, p)) for p in precisions[1:]}
+                if cfg.speed_backend == "onnxruntime" else None,
                 work_dir=work / "speed-work",
                 report=work / "speed.json",
                 plot=work / "speed.png",
@@ -578,6 +635,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
         },
         "retraining": retrain_info,
         "onnx": onnx_info,
+        "exports": exports,
         "tensorrt": trt_info,
         "parity": parity,
         "quality": quality,
@@ -615,13 +673,15 @@ def evaluate_gates(cfg: ConvertConfig, parity: dict, quality: dict | None, work:
         if quality is None:
             gates["max_ppl_ratio"] = {"passed": False, "detail": "no perplexity measured: set eval_text"}
         else:
-            final = quality.get("retrained", quality["pruned"])["ppl"]
+            deployed = f"onnx {cfg.all_precisions()[-1]}"  # what will be deployed, measured through onnxruntime
+            final = quality.get(deployed, quality.get("retrained", quality["pruned"]))["ppl"]
             ratio = final / quality["original"]["ppl"]
             gates["max_ppl_ratio"] = {
                 "passed": ratio <= cfg.max_ppl_ratio,
                 "value": ratio,
                 "limit": cfg.max_ppl_ratio,
-                "detail": f"PPL ratio {ratio:.3f} vs limit {cfg.max_ppl_ratio}",
+                "detail": f"PPL ratio {ratio:.3f} ({deployed if deployed in quality else 'pruned'} / original) vs "
+                f"limit {cfg.max_ppl_ratio}",
             }
     if cfg.min_speedup:
         path = work / "speed.json"
@@ -661,9 +721,13 @@ def summary_table(m: dict, out: Path) -> str:
         row = " -> ".join(f"{k} {v['ppl']:.2f}" for k, v in q.items())
         lines.append(f"| perplexity ({q['original']['source']}, {q['original']['seq_len']}-token windows) | {row} |")
     par = m["parity"]
-    lines.append(
-        f"| parity (ONNX vs PyTorch) | {'PASS' if par['passed'] else 'FAIL'} on {', '.join(par['providers'])} |"
-    )
+    for prec, pp in (par.get("by_precision") or {"": par}).items():
+        what = f"parity (ONNX {prec} vs PyTorch)" if prec else "parity (ONNX vs PyTorch)"
+        lines.append(f"| {what} | {'PASS' if pp['passed'] else 'FAIL'} on {', '.join(pp['providers'])} |")
+    for prec, e in (m.get("exports") or {}).items():
+        q = e.get("quantization") or {}
+        how = f", {q['method']} block {q['block_size']}, head {q['head_bits']} bits" if q else ""
+        lines.append(f"| ONNX {prec} | {e['size_bytes'] / 1e6:.1f} MB{how} |")
     t = m.get("tensorrt") or {}
     lines.append(f"| TensorRT | {'skipped: ' + t['skipped'] if 'skipped' in t else 'built'} |")
     if m.get("speed"):
@@ -674,9 +738,8 @@ def summary_table(m: dict, out: Path) -> str:
             ideal = rep["models"][r["model"]].get("ideal_decode_speedup")
             sp = r["decode_speedup"]
             ci = f" [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}] {sp['verdict']}" if sp.get("ci_low") is not None else ""
-            lines.append(
-                f"| decode speedup, batch {r['batch']}, {r['model']} | {sp['median']:.3f}x{ci} (ideal {ideal:.3f}x) |"
-            )
+            ideal = f"ideal {ideal:.3f}x" if ideal else "no FLOP ideal: weight-only quantized"
+            lines.append(f"| decode speedup, batch {r['batch']}, {r['model']} | {sp['median']:.3f}x{ci} ({ideal}) |")
     for k, g in m["gates"].items():
         lines.append(f"| gate {k} | {'pass' if g['passed'] else 'FAIL'}: {g['detail']} |")
     reused = [k for k, v in m["steps"].items() if v["reused"]]
@@ -699,8 +762,10 @@ def render_report(m: dict, work: Path) -> str:
     ]
     if m["pruning"]["scores"]:
         out += ["## Block importance", "", "![block scores](scores.png)", ""]
-    if (work / "parity.txt").is_file():
-        out += ["## Parity (ONNX vs PyTorch)", "", "```", (work / "parity.txt").read_text().rstrip(), "```", ""]
+    for f in sorted(work.glob("parity*.txt")):
+        first = (m["config"]["precisions"] or [m["config"]["precision"]])[0]
+        prec = f.stem.split("-", 1)[1] if "-" in f.stem else first
+        out += [f"## Parity (ONNX {prec} vs PyTorch)".replace("  ", " "), "", "```", f.read_text().rstrip(), "```", ""]
     if (work / "speed.md").is_file():
         out += ["## Speed", "", (work / "speed.md").read_text().rstrip(), "", "![speed](speed.png)", ""]
     if m.get("retraining"):

@@ -30,7 +30,7 @@ def _args(model, out, calib, evalt, *extra):
         "convert", "--model", str(model), "--out", str(out), "--calib", str(calib), "--seq-len", "32",
         "--num-samples", "4", "--protect", "0,-1", "--ratio", "0.25", "--eval-text", str(evalt),
         "--eval-max-windows", "8", "--batch-sizes", "1,2", "--repeats", "1", "--prompt-len", "8", "--new-tokens", "4",
-        "--parity-new-tokens", "4", "--speed-backend", "torch", "--quiet", *extra,
+        "--parity-new-tokens", "4", "--speed-backend", "torch", "--speed-ci-target", "0", "--quiet", *extra,
     ]  # fmt: skip
 
 
@@ -53,7 +53,7 @@ def test_convert_end_to_end_then_reuse_then_gate(tiny8, texts, tmp_path, capsys)
     assert set(m["artifacts"]) == {
         str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in ("manifest.json", "steps.json")
     }
-    assert set(m["quality"]) == {"original", "pruned"} and m["quality"]["pruned"]["windows"] == 8
+    assert set(m["quality"]) == {"original", "pruned", "onnx fp32"} and m["quality"]["pruned"]["windows"] == 8
     assert m["tensorrt"]["skipped"]  # no TensorRT here, and the manifest says why
     assert set(m["speed"]["decode_speedup"]["1"]) == {"candidate", "width"}
     assert m["tool"]["torch"] and m["inputs"]["model"]["sha256"]

@@ -53,7 +53,8 @@ def test_int4_and_int8_exports_pass_their_parity_defaults(family, small_models, 
         out = tmp_path / precision
         summary = quantize_export(fp32_exports[family], out, precision)
         q = json.loads((out / "export.json").read_text())["quantization"]
-        assert q["bits"] == int(precision[3]) and q["method"] == "rtn" and q["block_size"] == 32
+        assert q["bits"] == int(precision[3]) and q["block_size"] == 32 and q["head_bits"] == 8
+        assert q["method"] == {"int4": "hqq", "int8": "rtn"}[precision]
         assert q["head_quantized"] and q["quantized_matmuls"] == q["matmuls"]
         ops = _ops(out)
         assert ops.count("MatMulNBits") == q["matmuls"]  # every MatMul with a constant weight (attention's stay)
@@ -192,3 +193,34 @@ def test_gptq_is_calibrated_on_the_calibration_set(small_models, fp32_exports, c
     assert "MatMulNBits" in _ops(out)
     assert validate_parity(str(small_models["llama"]), out, **PARITY).passed
     assert np.isfinite(q["seconds"])
+
+
+def test_convert_with_fp32_and_int4_gives_each_its_rows(tmp_path, calib_file, capsys):
+    """`precisions = ["fp32", "int4"]`: both exported (int4 from the fp32 export), each with its parity, quality
+    (through onnxruntime) and speed rows; --max-ppl-ratio gates the deployed (last) artifact."""
+    from conftest import make_tiny
+
+    src = make_tiny("llama", tmp_path / "m", layers=4)
+    args = ["convert", "--model", str(src), "--out", str(tmp_path / "b"), "--calib", str(calib_file), "--seq-len",
+            "32", "--num-samples", "2", "--no-protect", "--remove", "1", "--eval-text", str(calib_file),
+            "--eval-max-windows", "3", "--batch-sizes", "1", "--repeats", "2", "--speed-ci-target", "0",
+            "--prompt-len", "6", "--new-tokens", "3", "--parity-new-tokens", "4", "--parity-batch-sizes", "1,2",
+            "--no-width-baseline", "--precisions", "fp32,int4", "--quiet"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    out = tmp_path / "b"
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["exports"]) == {"fp32", "int4"} and m["exports"]["int4"]["quantized_from"].endswith("onnx")
+    assert "MatMulNBits" in _ops(out / "onnx-int4")
+    assert set(m["parity"]["by_precision"]) == {"fp32", "int4"} and m["parity"]["passed"]
+    assert (out / "parity-int4.txt").is_file()
+    q = m["quality"]
+    assert {"original", "pruned", "onnx fp32", "onnx int4"} <= set(q)
+    assert q["onnx fp32"]["ppl"] == pytest.approx(q["pruned"]["ppl"], rel=1e-4)
+    rows = json.loads((out / "speed.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"original", "candidate", "candidate-int4"}
+    assert all("ci_low" in r["decode_speedup"] for r in rows)
+    ratio = q["onnx int4"]["ppl"] / q["original"]["ppl"]
+    capsys.readouterr()
+    gate = ["--force", "--max-ppl-ratio", str(ratio * 0.999)]  # just below the int4 artifact's ratio: fails
+    assert main([*args, *gate]) == 1
+    assert "onnx int4 / original" in capsys.readouterr().err

@@ -12,14 +12,14 @@ def register(sub, groups) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int4", "int8"],
                    help="weights, compute and cache; int4/int8: fp32 graph with weight-only quantized MatMuls")
     q = p.add_argument_group("int4/int8 (onnxruntime's MatMulNBits quantizer; defaults measured on SmolLM2)")
-    q.add_argument("--quant-method", default="rtn", choices=["rtn", "hqq", "gptq"],
-                   help="rtn (round to nearest), hqq, or gptq calibrated on --calib (default rtn)")
+    q.add_argument("--quant-method", default="", choices=["rtn", "hqq", "gptq"],
+                   help="rtn (round to nearest), hqq, or gptq calibrated on --calib (default: int4 hqq, int8 rtn)")
     q.add_argument("--block-size", type=int, default=32, help="weights per scale along K (16..256, default 32)")
     q.add_argument("--asymmetric", dest="symmetric", action="store_false", help="zero points per block (rtn)")
     q.add_argument("--accuracy-level", type=int, default=4,
                    help="MatMulNBits compute: 4 int8 activations (default), 1 fp32, 0 unset")
-    q.add_argument("--head-bits", type=int, default=0, choices=[0, 4, 8],
-                   help="bits of the output head (and a tied embedding); 0: as --precision")
+    q.add_argument("--head-bits", type=int, default=-1, choices=[0, 4, 8],
+                   help="bits of the output head (and a tied embedding): 4, 8 (the default), 0: as --precision")
     q.add_argument("--no-quantize-head", dest="quantize_head", action="store_false", help="keep the head fp32")
     q.add_argument("--quant-format", default="qoperator", choices=["qoperator", "qdq"],
                    help="qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no --optimize)")

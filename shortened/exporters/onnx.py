@@ -568,7 +568,7 @@ def _quant_options(precision, quant, optimize, calib):
         if unknown:
             raise UsageError(f"unknown quantization option {unknown[0]!r}; known: {', '.join(sorted(names))}")
         quant = QuantOptions(**quant)
-    opts = quant or QuantOptions()
+    opts = (quant or QuantOptions()).resolved(BITS[precision])
     opts.validate(BITS[precision])
     if opts.format == "qdq" and optimize:
         raise UsageError("the QDQ format is for TensorRT, which cannot run the fused graph: drop --optimize")

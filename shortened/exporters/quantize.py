@@ -35,24 +35,47 @@ BITS = {"int4": 4, "int8": 8}
 METHODS = ("rtn", "hqq", "gptq")
 FORMATS = ("qoperator", "qdq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-DEFAULTS_MEASURED = (
-    "SmolLM2-135M 24 blocks, int4 rtn, CPU 2 threads (load ~1): block 32 vs 128 WikiText-2 PPL (60 x 128) see "
-    "README; accuracy level 4 (int8 activations in MatMulNBits) decodes faster than 0 (fp32) at equal parity"
-)
+# Measured on SmolLM2-135M-Instruct pruned to 24 blocks (blocks 12-15, 17, 26 removed), fused graph, CPU: KL of the
+# next-token distributions against fp32 PyTorch and perplexity on WikiText-2 test windows of 128 tokens (4 windows,
+# fp32 PPL 94.37; then 8 windows, fp32 PPL 122.29), file size:
+#   int4 rtn sym block 32, head int4 (genai's default)   73 MB  mean KL 0.566  top-1 0.564  PPL 135.0 (4 windows)
+#     same, accuracy level 0 (fp32 activations)           73 MB  mean KL 0.564               PPL 133.7
+#     same, asymmetric                                    75 MB  mean KL 0.562               PPL 151.6
+#     same, block 16                                      88 MB  mean KL 0.445               PPL 127.5
+#     same, head int8                                     88 MB  mean KL 0.448               PPL 119.3
+#   int4 hqq block 32, head + tied embedding fp32        201 MB  mean KL 0.095  top-1 0.797  PPL 104.9
+#   int4 hqq block 32, head int4 rtn (shared)             84 MB  mean KL 0.130  top-1 0.706  PPL 137.8 (8 windows)
+#   int4 hqq block 32, head int8 rtn (shared)             98 MB  mean KL 0.0016 top-1 0.976  PPL 122.0 (8 windows)
+#   int8 rtn sym block 32                                130 MB  mean KL 0.0070 top-1 0.936  PPL 94.79 (4 windows)
+# RTN rounds SmolLM2's outlier-heavy projections badly; the int4 head costs most of the rest. So int4 defaults to
+# hqq for the blocks and an int8 head shared with the embedding; int8 to rtn (hqq and gptq are 4-bit only).
+DEFAULT_METHOD = {4: "hqq", 8: "rtn"}
+DEFAULT_HEAD_BITS = {4: 8, 8: 8}
 
 
 @dataclass
 class QuantOptions:
     """How the MatMul weights are quantized (every field recorded in export.json)."""
 
-    method: str = "rtn"  # rtn | hqq | gptq
+    method: str = ""  # rtn | hqq | gptq; "": the precision's measured default (DEFAULT_METHOD)
     block_size: int = 32  # weights per scale along K (16..256, a power of 2)
     symmetric: bool = True  # no zero points (hqq is always asymmetric)
     accuracy_level: int = 4  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
     head: bool = True  # quantize the output head too
-    head_bits: int = 0  # the head's (and a shared embedding's) bits: 0 the precision's, 8 keeps it int8 under int4
+    head_bits: int = -1  # the head's (and a shared embedding's) bits, 4 or 8; -1: DEFAULT_HEAD_BITS; 0: as the weights
     embedding: bool = True  # tied: gather from the head's quantized table; untied int4 rtn: quantize the table
     format: str = "qoperator"  # qoperator (MatMulNBits, onnxruntime) | qdq (DequantizeLinear -> MatMul, TensorRT)
+
+    def resolved(self, bits: int) -> QuantOptions:
+        """A copy with the precision's defaults filled in (what export.json records)."""
+        import dataclasses
+
+        qdq = self.format == "qdq"  # rtn and 4 bits throughout: what the quantizer writes as QDQ
+        return dataclasses.replace(
+            self,
+            method=self.method or ("rtn" if qdq else DEFAULT_METHOD[bits]),
+            head_bits=(0 if qdq else DEFAULT_HEAD_BITS[bits]) if self.head_bits == -1 else self.head_bits,
+        )
 
     def validate(self, bits: int) -> None:
         if self.method not in METHODS:
@@ -61,7 +84,7 @@ class QuantOptions:
             raise UsageError(f"unknown quantization format {self.format!r}; choose qoperator or qdq")
         if self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
-        if self.head_bits not in (0, 4, 8):
+        if self.head_bits not in (-1, 0, 4, 8):
             raise UsageError(f"head bits must be 0 (as the weights), 4 or 8; got {self.head_bits}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0..4, got {self.accuracy_level}")
@@ -182,8 +205,8 @@ def _share_embedding(graph, emb, head_name: str, bits: int, block: int, hidden: 
 
 def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=None):
     """Quantize an onnx.ModelProto (weights loaded) in place of a copy; returns (ModelProto, record dict)."""
+    opts = opts.resolved(bits)
     graph = model.graph
-    _name_nodes(graph)
     inits = {t.name: t for t in graph.initializer}
     _unfuse_head(graph, inits)
     _name_nodes(graph)

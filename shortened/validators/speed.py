@@ -723,6 +723,13 @@ def plot_speed(report: SpeedReport, path: str | Path) -> Path | None:
 # The library entry point
 
 
+def _is_weight_quantized(onnx_dir) -> bool:
+    import json
+
+    p = Path(onnx_dir) / "export.json"
+    return p.is_file() and json.loads(p.read_text()).get("precision") in ("int4", "int8")
+
+
 def _check_backend(backend: str, device: str) -> None:
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -794,6 +801,7 @@ def bench(
     ci_target: float | None = 0.03,
     time_budget_s: float = 120.0,
     max_repeats: int | None = None,
+    extra_candidates: dict | None = None,
 ) -> SpeedReport:
     """Measure the candidate (and a width-pruned baseline of the same size) against the original.
 
@@ -804,6 +812,8 @@ def bench(
     Artifacts made here (width checkpoint, ONNX exports, engines) go to `work_dir` (a temporary directory,
     removed afterwards, when not given). repeats is the minimum: repetitions go on until every speedup's 95%
     bootstrap interval is within +-ci_target (None: exactly `repeats`), max_repeats, or time_budget_s per batch size.
+    extra_candidates: {name: ONNX dir} of other exports of the candidate (e.g. its int4 export), measured in the same
+    interleaved run (onnxruntime backend); weight-only quantized ones get no FLOP ideal (it does not apply).
     """
     from ..converter.width import count_params_of_config
 
@@ -856,6 +866,11 @@ def bench(
             )  # fmt: skip
             for name, p in paths.items()
         ]
+        for name, d in (extra_candidates or {}).items():
+            if backend != "onnxruntime":
+                raise UsageError("extra candidates (other precisions of the export) run on the onnxruntime backend")
+            specs.append(ModelSpec(name, str(d), backend, device, threads, config_path=paths["candidate"]))
+            configs[name] = configs["candidate"]
         raw = measure(specs, bs, prompt_len, new_tokens, repeats, warmup, seed, progress, ci_target, time_budget_s,
                       max_repeats, baseline="original")  # fmt: skip
     finally:
@@ -868,7 +883,8 @@ def bench(
         cfg = configs[name]
         info.update({"params": count_params_of_config(cfg), "blocks": num_blocks(cfg),
                      "flops_per_token": flops_per_token(cfg, decode_ctx)["total"]})  # fmt: skip
-        if name != "original":
+        quantized = name in (extra_candidates or {}) and _is_weight_quantized(info["path"])
+        if name != "original" and not quantized:
             info["ideal_decode_speedup"] = ideal_speedup(configs["original"], cfg, decode_ctx)
             info["ideal_speedup_weights_only"] = ideal_speedup(configs["original"], cfg, 0)
             info["ideal_prefill_speedup"] = ideal_speedup(configs["original"], cfg, prompt_len // 2)
