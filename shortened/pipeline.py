@@ -467,12 +467,17 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
                 batch = tuple(int(x) for x in cfg.trt_batch.split(":"))
                 seq = tuple(int(x) for x in cfg.trt_seq.split(":"))
                 source = work / "onnx"
-                if cfg.optimize:  # the optimized graph holds onnxruntime-only ops: TensorRT gets a portable export
+                # TensorRT gets the first precision; int4/int8 (MatMulNBits, an onnxruntime op) become int4 QDQ
+                # (blocked DequantizeLinear) or fp32; the optimized graph holds onnxruntime-only ops: a portable export
+                prec = precisions[0]
+                quant = {"format": "qdq"} if prec == "int4" else None
+                prec = "fp32" if prec == "int8" else prec
+                if cfg.optimize or quant or prec != precisions[0]:
                     from .exporters.onnx import export_onnx
 
                     source = _replace_dir(work / "onnx-portable")
-                    export_onnx(str(final_dir), source, precision=cfg.precision, opset=cfg.opset or None,
-                                force=True, progress=progress)  # fmt: skip
+                    export_onnx(str(final_dir), source, precision=prec, opset=cfg.opset or None,
+                                force=True, progress=progress, quant=quant)  # fmt: skip
                 return export_tensorrt(source, _replace_dir(work / "tensorrt"), batch, seq, force=True)
 
             trt_info = _run_step(steps, "tensorrt", trt_key, do_trt, say)

@@ -361,7 +361,7 @@ def test_genai_generates_pytorch_tokens(exported, optimize):
     "args,message",
     [
         (["/nonexistent/model"], "not found"),
-        (["{tiny}", "--precision", "int4"], "invalid choice"),
+        (["{tiny}", "--precision", "int2"], "invalid choice"),
         (["{tiny}", "--opset", "11"], "opset"),
         (["{tiny}", "--precision", "bf16", "--optimize"], "bf16"),
         (["{unsupported}"], "unsupported architecture"),
