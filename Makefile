@@ -65,6 +65,8 @@ demo: fetch
 bench: setup fetch
 	$(PY) benchmarks/bench_ppl_scoring.py --model $(MODEL_DIR) --calib $(CALIB)
 	$(PY) benchmarks/bench_speed.py --model $(MODEL_DIR)
+	$(PY) benchmarks/bench_quantized.py --model $(MODEL_DIR)
+	$(PY) benchmarks/bench_speed_repeat.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(VENV_OPT) .pytest_cache .ruff_cache out

@@ -90,9 +90,16 @@ DEFAULT_TOLERANCES = {
     "fp32": Tolerances(max_abs=2e-3, min_cosine=0.99999, max_kl=1e-6, max_top1_gap=4e-3),
     "fp16": Tolerances(min_cosine=0.999, max_kl=2e-2, max_top1_gap=0.1),
     "bf16": Tolerances(min_cosine=0.99, max_kl=1e-1, max_top1_gap=0.3),
-    "int4": Tolerances(max_mean_kl=0.1, max_kl=1.0),
-    "int8": Tolerances(max_mean_kl=0.01, max_kl=0.1),
+    "int4": Tolerances(max_mean_kl=0.05, max_kl=0.5),
+    "int8": Tolerances(max_mean_kl=0.03, max_kl=0.3),
 }
+# int4/int8 (weight-only, exporters/quantize.py) are compared against the fp32 PyTorch model of the same checkpoint,
+# and judged by the distributions only: mean and max KL; top-1, top1_gap and the greedy agreement are reported.
+# Measured on SmolLM2-135M pruned to 24 blocks, CPU, the default 12 cases (text and random, b1/b2, L1/16/48, 16
+# tokens): int4 (hqq blocks, int8 head) mean KL <= 0.0031 per case, max KL 0.013, top-1 0.67-1.0 (near-ties flip),
+# first differing greedy token anywhere from 0 to none in 16; int8 (rtn) on 4 WikiText-2 windows: mean KL 0.0070,
+# max 0.090. Round-to-nearest int4 with an int4 head (onnxruntime-genai's default) gives mean KL 0.57 there and
+# fails; random tiny models (tests) reach mean KL 0.03, max 0.06 at int4 (an int4 embedding of their own).
 
 
 def tolerances_for(precision: str, overrides: Tolerances | dict | None = None) -> Tolerances:
