@@ -91,7 +91,7 @@ def test_tolerances_fail_on_nan_and_accept_overrides():
     with pytest.raises(UsageError, match="unknown tolerance"):
         tolerances_for("fp32", {"atol": 1.0})
     with pytest.raises(UsageError, match="unknown precision"):
-        tolerances_for("int8")
+        tolerances_for("int2")
 
 
 def test_cases_are_left_padded_real_text_and_random():
