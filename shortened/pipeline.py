@@ -114,8 +114,9 @@ class ConvertConfig:
             check_length(model_config, self.prompt_len + self.new_tokens, "--prompt-len + --new-tokens:")
         from .validators.parity import tolerances_for
 
-        tolerances_for(self.precision if self.precision in ("fp32", "fp16", "bf16") else "fp32",
-                       self.parity_tolerances or None)  # unknown tolerance names fail here, not after the export
+        tolerances_for(
+            self.precision if self.precision in ("fp32", "fp16", "bf16") else "fp32", self.parity_tolerances or None
+        )  # unknown tolerance names fail here, not after the export
         from .converter.retrain import RetrainConfig
 
         known = {f.name for f in dataclasses.fields(RetrainConfig)} - {"load", "extra_args"}
@@ -128,7 +129,7 @@ class ConvertConfig:
         parse_range(self.trt_seq, "trt-seq")
         if self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
-        if self.criterion in DATA_DRIVEN:
+        if self.criterion in DATA_DRIVEN and not self.blocks:  # explicit blocks need no scores
             if not self.calib:
                 raise UsageError(f"criterion {self.criterion} needs calibration text: pass --calib FILE")
             CalibSpec(self.calib, self.num_samples, self.seq_len, self.seed, self.add_bos).validate()

@@ -698,8 +698,12 @@ def bench(
         check_length(cfg, prompt_len + new_tokens, f"--prompt-len + --new-tokens for the {name} model:")
     from ..io import check_output_file
 
-    inputs = {"original": original, "candidate": candidate, "width baseline": width_baseline
-              if isinstance(width_baseline, (str, Path)) else None, "ONNX export": list(filter(None, onnx.values()))}
+    inputs = {
+        "original": original,
+        "candidate": candidate,
+        "width baseline": width_baseline if isinstance(width_baseline, (str, Path)) else None,
+        "ONNX export": list(filter(None, onnx.values())),
+    }
     for p in (report, plot):
         if p is not None:
             check_output_file(p, force=True, inputs=inputs)  # before any work; rewrites only our own reports
