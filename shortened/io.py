@@ -167,7 +167,7 @@ def _new_temp(out: Path, is_dir: bool) -> Path:
     raise UsageError(f"cannot create a temporary name beside {out}")
 
 
-def _write_failed(e: OSError, out: Path) -> UsageError:
+def _write_failed(e: OSError, out: Path, kept: str = "nothing was kept") -> UsageError:
     """A write that failed after the checks (disk full, quota, read-only): one line with the path and free space."""
     try:
         free = shutil.disk_usage(out.parent if out.parent.exists() else "/").free
@@ -177,7 +177,7 @@ def _write_failed(e: OSError, out: Path) -> UsageError:
     why = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}  # fmt: skip
     why = why.get(e.errno, e.strerror)
-    return UsageError(f"cannot write {out}: {why} ({space} in {out.parent}); nothing was kept, free space "
+    return UsageError(f"cannot write {out}: {why} ({space} in {out.parent}); {kept}; free space "
                       "or choose another output")  # fmt: skip
 
 

@@ -112,6 +112,7 @@ class ConvertConfig:
             check_length(model_config, self.eval_seq_len, "--eval-seq-len")
         if self.speed:
             check_length(model_config, self.prompt_len + self.new_tokens, "--prompt-len + --new-tokens:")
+        check_length(model_config, 48 + self.parity_new_tokens, "parity's longest prompt (48) + --parity-new-tokens:")
         from .validators.parity import tolerances_for
 
         tolerances_for(
@@ -335,6 +336,12 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
         return _convert(cfg, out, work, progress, say)
     except KeyboardInterrupt:
         say(f"interrupted: the finished steps are kept in {work}; run the same command again to resume them")
+        raise
+    except OSError as e:  # disk full and the like, in a step that writes into the work directory
+        from .io import WRITE_ERRNOS, _write_failed
+
+        if e.errno in WRITE_ERRNOS:
+            raise _write_failed(e, work, kept="the finished steps are kept and reused by the next run") from e
         raise
 
 

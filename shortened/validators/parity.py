@@ -409,7 +409,7 @@ def validate_parity(
         runner = load_ort_runner(onnx_path, provider, threads)
     onnx_cfg_path = onnx_path.parent / "config.json"
     if loaded is None:
-        loaded = load_model(ref_name, load)
+        loaded = load_model(ref_name, load, tokenizer="optional")  # prompts without one: random ids
     ref_blocks = num_blocks(loaded.model.config)
     onnx_blocks = runner.num_layers if runner.has_cache else None
     if onnx_blocks is None and onnx_cfg_path.is_file():
