@@ -388,6 +388,9 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             load=load_opts,
             progress=progress,
         )
+        from .io import remove_output_file
+
+        remove_output_file(work / "scores.json")  # the previous run's (its paths relocated by _relocate_text)
         save_scores(s, work / "scores.json", plot=False)
         return {"removal_order": s.removal_order, "base_ppl": s.base_ppl, "seconds": s.seconds}
 
