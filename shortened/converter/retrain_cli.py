@@ -136,7 +136,7 @@ def cmd_eval(args) -> int:
     from ..validators.quality import evaluate
 
     ppl_files = [s for s in (args.ppl or "").split(",") if s]
-    inputs = {"model": args.model, "text": ppl_files, "task folder": args.include_path}
+    inputs = {"model": args.model, "text": ppl_files}  # (a report beside lm-eval task YAMLs is harmless)
     if args.json:
         check_output_file(args.json, force=True, inputs=inputs)  # before any work; rewrites only our own report
     limit = args.limit
