@@ -32,9 +32,11 @@ class CalibSpec:
         if self.source.startswith("hf:"):
             from .loading import hub_reachable
 
-            if not hub_reachable():
-                raise UsageError(f"cannot load the dataset {self.source[3:]}: the Hugging Face hub is unreachable; "
-                                 "pass a local .txt or .jsonl file")  # fmt: skip
+            if not hub_reachable():  # only a cached copy can serve: fail now (one line) when there is none
+                from .loading import load_hf_dataset
+
+                name, _, config = self.source[3:].partition(":")
+                load_hf_dataset(name, config or None, self.split)
         else:
             _read_texts(self)  # not text, bad records: refused before any model is loaded
 
@@ -55,12 +57,10 @@ def _read_texts(spec: CalibSpec) -> tuple[list[str], bool, dict]:
     from ..io import read_jsonl, read_text_file, sha256_file
 
     if spec.source.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError as e:
-            raise UsageError("hf: calibration sources need the `datasets` package: pip install datasets") from e
+        from .loading import load_hf_dataset
+
         name, _, config = spec.source[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split=spec.split)
+        ds = load_hf_dataset(name, config or None, spec.split)
         if spec.text_field not in ds.column_names:
             raise UsageError(f"dataset {name} has no field {spec.text_field!r}; fields: {', '.join(ds.column_names)}")
         return ["\n\n".join(t for t in ds[spec.text_field] if t)], False, {"dataset": name, "config": config or None}

@@ -95,6 +95,28 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return _HUB_STATE[(host, port)]
 
 
+def load_hf_dataset(name: str, config: str | None = None, split: str = "train"):
+    """datasets.load_dataset; with the hub unreachable, only a cached copy (offline mode, no retries), else one line."""
+    try:
+        import datasets
+        from datasets import config as dconfig
+    except ImportError as e:
+        raise UsageError(f"the dataset {name} needs `datasets` (pip install datasets), or pass a local file") from e
+    online = hub_reachable()
+    before = dconfig.HF_HUB_OFFLINE
+    dconfig.HF_HUB_OFFLINE = before or not online
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # unknown name, split or config; offline without a cached copy
+        if not online:
+            raise UsageError(f"no such file or cached dataset: {name} (and the Hugging Face hub is unreachable); "
+                             "pass a local text file") from e  # fmt: skip
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load dataset {name!r} (split {split}): {msg}") from e
+    finally:
+        dconfig.HF_HUB_OFFLINE = before
+
+
 def _hub_cached(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache

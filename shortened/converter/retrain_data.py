@@ -41,20 +41,10 @@ def read_records(source: str, split: str = "train", text_field: str = "text") ->
     looks_local = source.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json")
     if looks_local and not source.startswith("hf:"):
         raise UsageError(f"data file {source} not found; pass a .txt or .jsonl file or a dataset name (hf:NAME)")
-    from .loading import hub_reachable
+    from .loading import load_hf_dataset
 
-    if not hub_reachable():
-        raise UsageError(f"no such file: {source} (and the Hugging Face hub is unreachable for a dataset of that "
-                         "name); pass a local .txt or .jsonl file")  # fmt: skip
-    try:
-        import datasets
-    except ImportError as e:
-        raise UsageError(f"the dataset {source} needs `datasets` (pip install datasets), or pass a local file") from e
     name, _, config = source.removeprefix("hf:").partition(":")
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split)
-    except Exception as e:  # offline, unknown name, unknown split: one line for the user
-        raise UsageError(f"cannot load dataset {name!r} (split {split}): {str(e).splitlines()[0]}") from e
+    ds = load_hf_dataset(name, config or None, split)  # offline: a cached copy or one line
     return [dict(r) for r in ds], {"dataset": name, "config": config or None, "split": split}
 
 

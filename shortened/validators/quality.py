@@ -40,18 +40,10 @@ def read_text(source: str) -> str:
         return read_text_file(p)
     if source in NAMED_SOURCES:
         check_named_source(source)
-        try:
-            import datasets
-        except ImportError as e:
-            raise UsageError(
-                f"the named source {source} needs `datasets` (pip install datasets), or pass a file"
-            ) from e
+        from ..converter.loading import load_hf_dataset
+
         name, config, split, field = NAMED_SOURCES[source]
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # offline or hub trouble: one line, and the way around it
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UsageError(f"cannot load {source} ({name}) from the Hugging Face hub: {msg}; pass a text file") from e
+        ds = load_hf_dataset(name, config, split)  # one line on any trouble (offline: a cached copy only)
         return "\n\n".join(ds[field]) if source == "wikitext2" else " ".join(ds[field])
     raise UsageError(f"text source {source} not found: pass a text file or one of {', '.join(NAMED_SOURCES)}")
 
@@ -61,8 +53,16 @@ def check_named_source(source: str) -> None:
     from ..converter.loading import hub_reachable
 
     if source in NAMED_SOURCES and not hub_reachable():
-        raise UsageError(f"cannot load {source} ({NAMED_SOURCES[source][0]}): the Hugging Face hub is unreachable; "
-                         f"pass a local copy of the text as a file (e.g. --ppl wikitext-2/test.raw.txt)")  # fmt: skip
+        from ..converter.loading import load_hf_dataset
+
+        name, config, split, _ = NAMED_SOURCES[source]
+        try:
+            load_hf_dataset(name, config, split)  # a cached copy serves offline
+        except UsageError:
+            raise UsageError(
+                f"cannot load {source} ({name}): not cached, and the Hugging Face hub is unreachable; "
+                "pass a local copy of the text as a file (e.g. --ppl wikitext-2/test.raw.txt)"
+            ) from None
 
 
 def token_windows(ids: list[int], seq_len: int, bos_id: int | None = None, max_windows: int | None = None):

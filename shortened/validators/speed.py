@@ -707,6 +707,10 @@ def bench(
     for p in (report, plot):
         if p is not None:
             check_output_file(p, force=True, inputs=inputs)  # before any work; rewrites only our own reports
+    if work_dir is not None:
+        from ..io import check_no_overlap, real_path
+
+        check_no_overlap(real_path(work_dir), inputs)  # exports and the width baseline are written there
     if isinstance(width_baseline, (str, Path)):
         paths["width"] = str(width_baseline)
         configs["width"] = _config(paths["width"])
