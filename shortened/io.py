@@ -79,7 +79,7 @@ def is_own_output(path: str | os.PathLike) -> bool:
     beside it holds its current sha256."""
     p = Path(path)
     if p.is_dir():
-        return (p / MARKER).is_file() or not any(p.iterdir())
+        return (p / MARKER).is_file() or not any(p.iterdir()) or _legacy_output(p)
     rec = file_record(p)
     if not p.is_file() or not rec.is_file():
         return False
@@ -87,6 +87,26 @@ def is_own_output(path: str | os.PathLike) -> bool:
         return json.loads(rec.read_text()).get("sha256") == sha256_file(p)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+# records that outputs of versions before the marker hold, and how each names this tool
+LEGACY_RECORDS = {
+    "pruning.json": lambda r: str(r.get("tool", "")).startswith("shortened"),
+    "manifest.json": lambda r: isinstance(r.get("tool"), dict) and "shortened" in r["tool"],
+    "export.json": lambda r: r.get("exporter") in ("torch", "optimum") and isinstance(r.get("versions"), dict),
+}
+
+
+def _legacy_output(p: Path) -> bool:
+    """An output directory written before the marker existed, recognised by the record it holds."""
+    for name, names_us in LEGACY_RECORDS.items():
+        try:
+            rec = json.loads((p / name).read_text())
+            if isinstance(rec, dict) and names_us(rec):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def check_output(out: str | os.PathLike, force: bool = False, inputs=(), kind: str = "dir") -> Path:

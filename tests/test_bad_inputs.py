@@ -654,3 +654,16 @@ def test_stale_temp_dirs_of_dead_processes_are_removed(tiny_models, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 0, err
     assert not stale.exists() and mine.exists() and "removed" in err and str(stale) in err
+
+
+def test_force_recognises_outputs_of_earlier_versions_by_their_record(tiny_models, tmp_path, capsys):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old")
+    (out / "pruning.json").write_text(json.dumps({"tool": "shortened 0.1.0", "removed_blocks": [1]}))
+    assert main(["prune", str(tiny_models["llama"]), "--out", str(out), *BLOCK, "--force"]) == 0
+    assert json.loads((out / "pruning.json").read_text())["removed_blocks"] == [2]
+    (out / "pruning.json").write_text(json.dumps({"tool": "someone else"}))
+    (out / ".shortened-output.json").unlink()
+    assert main(["prune", str(tiny_models["llama"]), "--out", str(out), *BLOCK, "--force"]) == 2
+    assert "not an output of shortened" in capsys.readouterr().err
