@@ -484,7 +484,7 @@ def c_convert_toml_dict_as_string(w):
     return ["convert", "--config", toml, "--model", w.model(), "--out", w.out(), "--blocks", "2", "--no-protect"]
 
 
-@case(msg="JSON")
+@case(msg="expected a JSON object")
 def c_convert_parity_tolerances_not_json(w):
     return ["convert", "--model", w.model(), "--out", w.out(), "--blocks", "2", "--no-protect",
             "--parity-tolerances", "not json"]  # fmt: skip
