@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, make_tiny
 
 from shortened.cli import main
 
@@ -59,18 +59,24 @@ from shortened.cli import main
 sys.exit(main(argv))
 """
 
-BLOCK = ["--blocks", "2", "--no-protect"]
+BLOCK = ["--blocks", "1", "--no-protect"]
 
 
 def _convert_args(model, out):
-    return ["convert", "--model", str(model), "--out", str(out), "--blocks", "2", "--no-protect", "--no-speed",
+    return ["convert", "--model", str(model), "--out", str(out), *BLOCK, "--no-speed",
             "--tensorrt", "off", "--parity-batch-sizes", "1", "--parity-new-tokens", "2", "--quiet"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def killed(tiny_models, tmp_path_factory):
+def tiny2(tmp_path_factory):
+    """A 2-block llama: every run here traces or exports it, and fewer blocks export faster."""
+    return make_tiny("llama", tmp_path_factory.mktemp("killed-model") / "llama2", layers=2)
+
+
+@pytest.fixture(scope="module")
+def killed(tiny2, tmp_path_factory):
     """Start every run, wait until each reaches its pause point, kill it; {name: (dir, target, returncode, err)}."""
-    src = tiny_models["llama"]
+    src = tiny2
     runs = {
         "prune-while-loading": ("while-loading", lambda o: ["prune", str(src), "--out", str(o), *BLOCK], "o"),
         "prune-after-weights": ("after-weights", lambda o: ["prune", str(src), "--out", str(o), *BLOCK], "o"),
@@ -111,39 +117,39 @@ def _check_killed(res, signal_rc=-signal.SIGKILL):
     return d, target, err
 
 
-def test_prune_killed_while_loading_leaves_nothing(killed, tiny_models, capsys):
+def test_prune_killed_while_loading_leaves_nothing(killed, tiny2, capsys):
     d, target, _ = _check_killed(killed["prune-while-loading"])
     assert os.listdir(d) == []
-    assert main(["prune", str(tiny_models["llama"]), "--out", str(target), *BLOCK]) == 0
+    assert main(["prune", str(tiny2), "--out", str(target), *BLOCK]) == 0
     assert (target / "model.safetensors").is_file()
 
 
-def test_prune_killed_after_writing_weights_leaves_only_a_hidden_temp_dir(killed, tiny_models, capsys):
+def test_prune_killed_after_writing_weights_leaves_only_a_hidden_temp_dir(killed, tiny2, capsys):
     d, target, _ = _check_killed(killed["prune-after-weights"])
     temps = [p for p in d.iterdir() if p.name.startswith(".o.tmp-")]
     assert len(temps) == 1 and (temps[0] / "model.safetensors").is_file()  # the half-written output stays hidden
-    assert main(["prune", str(tiny_models["llama"]), "--out", str(target), *BLOCK]) == 0
+    assert main(["prune", str(tiny2), "--out", str(target), *BLOCK]) == 0
     err = capsys.readouterr().err
     assert f"removed {temps[0]}" in err and not temps[0].exists()
     assert sorted(p.name for p in d.iterdir()) == ["o"]
 
 
-def test_export_killed_after_writing_the_graph(killed, tiny_models, capsys):
+def test_export_killed_after_writing_the_graph(killed, tiny2, capsys):
     d, target, _ = _check_killed(killed["export-after-graph"])
     temps = [p for p in d.iterdir() if p.name.startswith(".onnx.tmp-")]
     assert len(temps) == 1 and (temps[0] / "model.onnx").is_file()
-    assert main(["export", "onnx", str(tiny_models["llama"]), "--out", str(target), "--no-cache"]) == 0
+    assert main(["export", "onnx", str(tiny2), "--out", str(target), "--no-cache"]) == 0
     assert (target / "model.onnx").is_file() and not temps[0].exists()
     assert sorted(p.name for p in d.iterdir()) == ["onnx"]
     capsys.readouterr()
 
 
-def test_convert_killed_between_steps_resumes(killed, tiny_models, capsys):
+def test_convert_killed_between_steps_resumes(killed, tiny2, capsys):
     d, target, _ = _check_killed(killed["convert-kill"])
     partial = d / ".build.partial"
     done = json.loads((partial / "steps.json").read_text())
     assert "prune" in done and "onnx" not in done
-    assert main(_convert_args(tiny_models["llama"], target)) == 0
+    assert main(_convert_args(tiny2, target)) == 0
     err = capsys.readouterr().err
     assert "resuming the interrupted run" in err and "[prune] reusing the finished step" in err
     assert (target / "manifest.json").is_file() and not partial.exists()
