@@ -260,7 +260,8 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
         raise UsageError(f"--device {opts.device} needs a CUDA GPU, and none is visible; use --device cpu")
     path, extra = _resolve(source, opts)
     load_config(source, opts.trust_remote_code)
-    if tokenizer is True and (problem := _tokenizer_problem(path)):
+    gguf = "gguf_file" in extra  # a GGUF file carries its tokenizer inside
+    if tokenizer is True and not gguf and (problem := _tokenizer_problem(path)):
         raise UsageError(f"this command needs a tokenizer, and {source} has {problem}; copy them from the original")
     local = Path(path).is_dir()
     if local and "gguf_file" not in extra:
@@ -301,7 +302,7 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
         model.to(opts.device)
     model.eval()
     tok = None
-    if tokenizer is True or (tokenizer == "optional" and not _tokenizer_problem(path)):
+    if tokenizer is True or (tokenizer == "optional" and (gguf or not _tokenizer_problem(path))):
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=opts.trust_remote_code, **extra)
         except Exception as e:
