@@ -81,8 +81,10 @@ def is_own_output(path: str | os.PathLike) -> bool:
     if p.is_dir():
         return (p / MARKER).is_file() or not any(p.iterdir()) or _legacy_output(p)
     rec = file_record(p)
-    if not p.is_file() or not rec.is_file():
+    if not p.is_file():
         return False
+    if not rec.is_file():
+        return _legacy_scores(p)
     try:
         return json.loads(rec.read_text()).get("sha256") == sha256_file(p)
     except (OSError, ValueError, AttributeError):
@@ -107,6 +109,17 @@ def _legacy_output(p: Path) -> bool:
         except (OSError, ValueError):
             continue
     return False
+
+
+def _legacy_scores(p: Path) -> bool:
+    """A scores.json of a version before the file records: BlockScores.to_dict's keys."""
+    if p.suffix != ".json" or p.stat().st_size > 10_000_000:
+        return False
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and {"criterion", "scores", "removal_order", "candidates"} <= set(rec)
 
 
 def check_output(out: str | os.PathLike, force: bool = False, inputs=(), kind: str = "dir") -> Path:

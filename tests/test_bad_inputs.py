@@ -667,3 +667,8 @@ def test_force_recognises_outputs_of_earlier_versions_by_their_record(tiny_model
     (out / ".shortened-output.json").unlink()
     assert main(["prune", str(tiny_models["llama"]), "--out", str(out), *BLOCK, "--force"]) == 2
     assert "not an output of shortened" in capsys.readouterr().err
+    old_scores = tmp_path / "scores.json"  # a scores file of an earlier version: no record beside it
+    old_scores.write_text(json.dumps({"criterion": "bi", "scores": [1, 2], "removal_order": [0], "candidates": [0]}))
+    assert main(["score", str(tiny_models["llama"]), "--criterion", "magnitude", "--no-protect", "--out",
+                 str(old_scores), "--force"]) == 0  # fmt: skip
+    assert json.loads(old_scores.read_text())["criterion"] == "magnitude"
