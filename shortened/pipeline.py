@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import GateFailed, UsageError
-from .io import MARKER, check_no_overlap, check_output_dir, fingerprint_path, sha256_file, write_json, write_marker
+from .io import (
+    MARKER,
+    check_no_overlap,
+    check_output_dir,
+    file_record,
+    fingerprint_path,
+    sha256_file,
+    write_json,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 STEPS = ("score", "prune", "retrain", "onnx", "tensorrt", "parity", "quality", "speed")
@@ -303,6 +312,9 @@ def _relocate_text(work: Path, out: Path) -> None:
             text = p.read_text(errors="ignore")
             if str(work) in text:
                 p.write_text(text.replace(str(work), str(out)))
+                rec = file_record(p)
+                if rec.is_file():  # keep the record of an output file true to its new content
+                    rec.write_text(json.dumps({**json.loads(rec.read_text()), "sha256": sha256_file(p)}) + "\n")
 
 
 def _artifacts(out: Path) -> dict:
