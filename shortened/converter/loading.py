@@ -79,7 +79,7 @@ def load_config(source: str, trust_remote_code: bool = False):
 def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool = True) -> Loaded:
     """Load a supported causal LM and its tokenizer. Weights come from safetensors unless allow_pickle."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     opts = options or LoadOptions()
     if opts.device not in DEVICES and not opts.device.startswith("cuda:"):
@@ -108,12 +108,20 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
     if opts.device not in ("cpu", "auto"):
         model.to(opts.device)
     model.eval()
-    tok = None
-    if tokenizer:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=opts.trust_remote_code, **extra)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+    tok = load_tokenizer(source, opts) if tokenizer else None
     return Loaded(model=model, tokenizer=tok, source=source, options=opts)
+
+
+def load_tokenizer(source: str, options: LoadOptions | None = None):
+    """The model's tokenizer, with the EOS token as pad token where it has none."""
+    from transformers import AutoTokenizer
+
+    opts = options or LoadOptions()
+    path, extra = _resolve(source, opts)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=opts.trust_remote_code, **extra)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def _forget_gguf_quantization(model) -> None:
