@@ -72,7 +72,7 @@ def test_renaming_rules():
     assert renamed("model.layers_norm.12.weight", pat, new) == "model.layers_norm.12.weight"
 
 
-# Peak memory: a LLaMA-shaped fp32 checkpoint of ~650 MB in 15 shards of <= 50 MB, pruned in a fresh process.
+# Peak memory: a LLaMA-shaped fp32 checkpoint of ~370 MB in shards of <= 40 MB, pruned in a fresh process.
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
@@ -112,12 +112,12 @@ def peak_rss(mode: str, src: Path, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded_checkpoint(tmp_path_factory) -> tuple[Path, int]:
-    """~650 MB fp32 LLaMA (hidden 1024, 12 blocks of 46 MB) in 15 shards of <= 50 MB; (dir, largest shard bytes)."""
+    """~370 MB fp32 LLaMA (hidden 768, 12 blocks of 28 MB) in shards of <= 40 MB; (dir, largest shard bytes)."""
     from conftest import char_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
-        "llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=8,
+        "llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
         num_key_value_heads=8, vocab_size=4096, tie_word_embeddings=False,
     )  # fmt: skip
     path = tmp_path_factory.mktemp("sharded") / "model"
@@ -126,7 +126,7 @@ def sharded_checkpoint(tmp_path_factory) -> tuple[Path, int]:
     model = model.to_empty(device="cpu")
     for p in model.parameters():
         p.data.normal_(0, 0.02)
-    model.save_pretrained(path, max_shard_size="50MB")
+    model.save_pretrained(path, max_shard_size="40MB")
     char_tokenizer().save_pretrained(path)
     del model
     largest = max(f.stat().st_size for f in path.glob("*.safetensors"))
