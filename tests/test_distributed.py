@@ -110,7 +110,8 @@ def test_two_processes_match_one(runs, method):
     a, b = train_losses(ddp), train_losses(one)
     assert len(a) == len(b) == 4
     assert a != [a[0]] * 4  # training moved
-    print(f"\n{method}: max relative loss difference 2 vs 1 process {max(abs(x - y) / abs(y) for x, y in zip(a, b)):.2e}")
+    diff = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    print(f"\n{method}: max relative train-loss difference, 2 processes vs 1: {diff:.2e}")
     assert a == pytest.approx(b, rel=LOSS_RTOL), (a, b)
     one_rec = json.loads((one / "retraining.json").read_text())
     assert rec["losses"]["initial_val"] == pytest.approx(one_rec["losses"]["initial_val"], rel=LOSS_RTOL)
