@@ -390,6 +390,9 @@ def retrain(
         )  # fmt: skip
     else:
         trainer = Trainer(**common)
+    if cfg.extra_args.get("fsdp") and not trainer.is_fsdp_enabled:  # accelerate 1.15 on CPU: plain DDP, silently
+        log.warning("fsdp=%r given, but accelerate runs %s here (FSDP needs GPUs): the weights are not sharded",
+                    cfg.extra_args["fsdp"], trainer.accelerator.distributed_type)  # fmt: skip
     if trainer.is_world_process_zero():
         write_json(work / "retrain_config.json", json.loads(json.dumps(cfg.to_dict(), default=str)))
 
@@ -415,8 +418,12 @@ def retrain(
     # gather the weights (FSDP / DeepSpeed shard them) and write the standard checkpoint on the main process
     final = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # the DeepSpeed engine / FSDP module
         if trainer.is_world_process_zero():
+            if trainer.is_deepspeed_enabled:  # else from_config builds a ZeRO-3-partitioned (empty) model
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
             final = AutoModelForCausalLM.from_config(loaded.model.config)
             if cfg.weights == "lora":
                 final = peft.get_peft_model(final, lora)
