@@ -27,6 +27,10 @@ class LoadOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin (pickle) weights; off by default, safetensors only
     gguf_file: str | None = None  # set when the source is a GGUF file
+    # device "auto" only: accelerate's budget per device ({"cpu": "2GiB", 0: "20GiB"}); what does not fit goes to
+    # offload_folder on disk (default: a temporary directory, removed at exit)
+    max_memory: dict | None = None
+    offload_folder: str | None = None
 
 
 @dataclass
@@ -84,7 +88,9 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
     opts = options or LoadOptions()
     if opts.device not in DEVICES and not opts.device.startswith("cuda:"):
         raise UsageError(f"unknown device {opts.device!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
-    if opts.device != "cpu" and not torch.cuda.is_available():
+    if opts.max_memory and opts.device != "auto":
+        raise UsageError("--max-memory needs --device auto (accelerate's device map with CPU and disk offload)")
+    if opts.device not in ("cpu", "auto") and not torch.cuda.is_available():
         raise UsageError(f"--device {opts.device} needs a CUDA GPU, and none is visible; use --device cpu")
     path, extra = _resolve(source, opts)
     load_config(source, opts.trust_remote_code)
@@ -92,7 +98,10 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
     if "gguf_file" not in extra and not opts.allow_pickle:
         kwargs["use_safetensors"] = True
     if opts.device == "auto":
-        kwargs["device_map"] = "auto"  # accelerate shards the blocks across the visible GPUs
+        kwargs["device_map"] = "auto"  # accelerate shards the blocks across the visible GPUs, then CPU, then disk
+        if opts.max_memory:
+            kwargs["max_memory"] = opts.max_memory
+            kwargs["offload_folder"] = opts.offload_folder or _temporary_offload_folder()
     log.info("loading %s (%s, %s)", source, opts.dtype, opts.device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -122,6 +131,26 @@ def load_tokenizer(source: str, options: LoadOptions | None = None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _temporary_offload_folder() -> str:
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix="shortened-offload-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def parse_max_memory(text: str) -> dict:
+    """'cpu=2GiB,0=20GiB' -> {"cpu": "2GiB", 0: "20GiB"} (GPU indices as ints, as accelerate wants them)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        dev, sep, size = item.partition("=")
+        if not sep or not size:
+            raise UsageError(f"--max-memory expects DEVICE=SIZE[,DEVICE=SIZE] (e.g. cpu=2GiB,0=20GiB), got {item!r}")
+        out[int(dev) if dev.isdigit() else dev] = size
+    return out
 
 
 def _forget_gguf_quantization(model) -> None:

@@ -132,10 +132,12 @@ def prune(
         )
     order = [i for i in scores.removal_order if i not in protected] if scores else None
     removed = choose_blocks(order, n, remove, ratio, blocks, protected)
-    # nothing needs the model in memory: cut the safetensors shard by shard (peak memory ~ one shard)
-    by_surgery = loaded is None and surgery.applies(src, opts)
+    # nothing needs the model in memory (any more): cut the safetensors shard by shard (peak memory ~ one shard)
+    by_surgery = surgery.applies(src, opts)
     log.info("removing blocks %s of %d (%s)", removed, n, "tensor surgery" if by_surgery else "in memory")
-    if not by_surgery:
+    if by_surgery:
+        loaded = None  # scored (maybe offloaded) model freed before the copy
+    else:
         loaded = loaded or load_model(src, opts)
         remove_blocks(loaded.model, removed)
     with atomic_dir(out, force, inputs=(src,)) as tmp:
