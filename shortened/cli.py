@@ -44,9 +44,7 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_options(args):
-    from .converter.loading import LoadOptions
-
-    from .converter.loading import parse_max_memory
+    from .converter.loading import LoadOptions, parse_max_memory
 
     mm = parse_max_memory(args.max_memory) if getattr(args, "max_memory", None) else None
     return LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle, max_memory=mm,
