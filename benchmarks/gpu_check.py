@@ -1,8 +1,8 @@
 """`make gpu-check`: what can only be checked on a CUDA GPU, in one command, in under 8 minutes, with no download.
 
-  1. convert   the whole `shortened convert` on SmolLM2 with --device cuda --dtype bfloat16 (PyTorch on the GPU;
-               ONNX parity on whatever execution providers onnxruntime has there); skipped without the model or
-               onnxruntime, saying so
+  1. convert   the whole `shortened convert` on SmolLM2 with --device cuda --dtype bfloat16 (PyTorch on the GPU,
+               its speed step too; ONNX parity on whatever execution providers onnxruntime has there); skipped
+               without the model or onnxruntime, saying so
   2. speed     random-weight LLaMA-2-7B and LLaMA-3-8B shaped models in bf16 built from their configs (decode
                speed does not depend on the weight values): the original, depth-pruned by 20% and 35% of the
                blocks, and width-pruned (narrower MLP and fewer head groups, converter/width.plan_width) to the
@@ -94,7 +94,8 @@ def run_convert(args, out: Path) -> dict:
     evalt = evalt if evalt.is_file() else text
     cmd = [sys.executable, "-m", "shortened", "convert", "--config", str(REPO / "examples" / "smollm2.toml"),
            "--model", str(model), "--out", str(out / "convert"), "--calib", str(text), "--eval-text", str(evalt),
-           "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "1,8,32", "--force", "--quiet"]  # fmt: skip
+           "--device", "cuda", "--dtype", "bfloat16", "--speed-backend", "torch", "--batch-sizes", "1,8,32",
+           "--force", "--quiet"]  # fmt: skip
     log("convert: " + " ".join(cmd[2:]))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     t0 = time.time()

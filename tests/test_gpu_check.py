@@ -41,3 +41,12 @@ def test_smoke_report(tmp_path, capsys):
 def test_refuses_without_gpu(tmp_path, capsys):
     assert _kit().main(["--out", str(tmp_path)]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_convert_step_skips_what_is_absent(tmp_path):
+    import argparse
+
+    kit = _kit()
+    args = argparse.Namespace(model=str(tmp_path / "no-model"), convert_timeout=10)
+    res = kit.run_convert(args, tmp_path)
+    assert res["status"] == "skipped" and "no SmolLM2 checkpoint" in res["reason"] and "--model" in res["reason"]
