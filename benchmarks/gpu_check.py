@@ -170,6 +170,8 @@ def decode_times(model, batch: int, prompt: int, new: int, reps: int, device: st
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         first = {"cache_position": torch.arange(prompt, device=device)} if with_pos else {}
+        if "logits_to_keep" in params:
+            first["logits_to_keep"] = 1  # batch 64 x 128 x 128k vocabulary would be 2 GB of prefill logits
         logits = model(input_ids=ids, use_cache=True, **first, **{kv: cache}).logits
         tok = logits[:, -1:].argmax(-1)
         pos = torch.tensor([prompt], device=device)
