@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 
 def _list(text: str) -> list:
@@ -17,6 +16,7 @@ def _list(text: str) -> list:
 
 
 def register(sub, groups) -> None:
+    from .cli import json_object
     from .pipeline import ConvertConfig
 
     p = sub.add_parser(
@@ -38,7 +38,7 @@ def register(sub, groups) -> None:
         elif isinstance(value, (int, float, str)):
             p.add_argument(flag, type=type(value), help=f"(default {value!r})", **kw)
         elif isinstance(value, dict):
-            p.add_argument(flag, type=json.loads, help="JSON object, e.g. '{\"max_abs\": 1e-3}'", **kw)
+            p.add_argument(flag, type=json_object, help="JSON object, e.g. '{\"max_abs\": 1e-3}'", **kw)
         else:  # lists (None default: protect, blocks)
             p.add_argument(flag, type=_list, help=f"comma-separated (default {value})", **kw)
     p.set_defaults(func=cmd_convert)

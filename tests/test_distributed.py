@@ -1,8 +1,9 @@
 """Multi-process retraining on CPU: torchrun with 2 processes (gloo) against one process with the same global batch.
 
 One torchrun launch runs lora, full and distill through `retrain()`, a full run asking for FSDP, and a LoRA run
-stopped after its step-2 checkpoint; a second launch is the CLI (`torchrun -m shortened retrain --resume`) finishing that run. The loss
-curves match the one-process runs (batch 4 = 2 processes x 2) within LOSS_RTOL, measured at ~1e-7.
+stopped after its step-2 checkpoint; a second launch is the CLI (`torchrun -m shortened retrain --resume`)
+finishing that run. The loss curves match the one-process runs (batch 4 = 2 processes x 2) within LOSS_RTOL,
+measured at ~1e-7.
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     import psutil
     mode, src, out = sys.argv[1:4]
     import torch, transformers, safetensors  # imported before the baseline: only the pruning is measured
+    from transformers.models.llama import modeling_llama  # (code, ~70 MB: a constant, whatever the model's size)
     from shortened.converter.steps import prune
     proc, peak, done = psutil.Process(), [0], threading.Event()
     def sample():  # ru_maxrss is useless here: importing torch peaks above what pruning needs

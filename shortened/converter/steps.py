@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 
 from ..errors import UsageError
-from ..io import atomic_dir, check_output_dir, fingerprint_path, write_json
+from ..io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
 from . import surgery
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import save_checkpoint
 from .criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
 from .families import num_blocks
-from .loading import Loaded, LoadOptions, load_config, load_model
+from .loading import Loaded, LoadOptions, check_length, load_config, load_model
 from .pruning import check_scores_match, choose_blocks, load_scores, remove_blocks, write_pruning_record
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,23 @@ def score(
     force: bool = False,
 ) -> BlockScores:
     """Score every block of a model; optionally write scores.json (and scores.png beside it)."""
+    src = model.source if isinstance(model, Loaded) else model
     if out is not None:
-        check_output_dir(out, force=force)
+        inputs = {"model": src, "calibration": calib.source if calib is not None else None}
+        check_output_file(out, force, inputs)
+        check_output_file(Path(out).with_suffix(".png"), force, inputs) if plot else None
     if calib is not None:
         calib.validate()
+    check_micro_batch(micro_batch)
     if isinstance(model, Loaded):
         loaded = model
+        config = model.model.config
     else:
-        load_config(model, (load or LoadOptions()).trust_remote_code)
-        loaded = load_model(model, load)
+        config = load_config(model, (load or LoadOptions()).trust_remote_code)
+    if calib is not None:
+        check_length(config, calib.seq_len, "--seq-len")
+    if not isinstance(model, Loaded):
+        loaded = load_model(model, load, tokenizer=True if calib is not None else "optional")
     n = num_blocks(loaded.model.config)
     if iterative and num_remove is None and ratio is not None:
         if not 0 < ratio < 1:
@@ -61,20 +69,25 @@ def score(
     )
     result.model = model_fingerprint(loaded.source, loaded.model.config)
     if out is not None:
-        save_scores(result, out, plot)
+        save_scores(result, out, plot, force=force)
     return result
 
 
-def save_scores(result: BlockScores, out: str | Path, plot: bool = True) -> None:
+def check_micro_batch(micro_batch: int) -> None:
+    if not isinstance(micro_batch, int) or micro_batch < 1:
+        raise UsageError(f"--micro-batch must be at least 1, got {micro_batch}")
+
+
+def save_scores(result: BlockScores, out: str | Path, plot: bool = True, force: bool = True) -> None:
+    """scores.json (and scores.png), each written whole and recorded as this tool's output."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result.to_dict())
+    with atomic_file(out, force) as tmp:
+        write_json(tmp, result.to_dict(), atomic=False)
     if plot:
         from ..plots import plot_block_scores
 
-        plot_block_scores(
-            result, out.with_suffix(".png"), removed=None if not result.iterative else result.removal_order
-        )
+        with atomic_file(out.with_suffix(".png"), force) as tmp:
+            plot_block_scores(result, tmp, removed=None if not result.iterative else result.removal_order)
 
 
 def prune(
@@ -97,8 +110,13 @@ def prune(
     """Remove blocks and save a standard checkpoint to `out` (which appears only when complete)."""
     opts = load or LoadOptions()
     src = model
-    check_output_dir(out, force, inputs=(src,))
+    inputs = {"model": src, "calibration": calib.source if calib is not None else None,
+              "scores": scores if isinstance(scores, (str, Path)) else None}  # fmt: skip
+    check_output_dir(out, force, inputs)
     config = load_config(src, opts.trust_remote_code)
+    check_micro_batch(micro_batch)
+    if calib is not None:
+        check_length(config, calib.seq_len, "--seq-len")
     n = num_blocks(config)
     protected = protected_blocks(n, protect, no_protect)
     if sum(x is not None for x in (remove, ratio, blocks)) != 1:
@@ -125,7 +143,7 @@ def prune(
         calib.validate()
     loaded = None
     if blocks is None and scores is None:
-        loaded = load_model(src, opts)
+        loaded = load_model(src, opts, tokenizer=True if calib is not None else "optional")
         num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
         scores = score(
             loaded, criterion, calib, protect, no_protect, iterative, num, ratio, micro_batch, progress=progress
@@ -133,14 +151,14 @@ def prune(
     order = [i for i in scores.removal_order if i not in protected] if scores else None
     removed = choose_blocks(order, n, remove, ratio, blocks, protected)
     # nothing needs the model in memory (any more): cut the safetensors shard by shard (peak memory ~ one shard)
-    by_surgery = surgery.applies(src, opts)
+    by_surgery = surgery.applies(src, opts, config)
     log.info("removing blocks %s of %d (%s)", removed, n, "tensor surgery" if by_surgery else "in memory")
     if by_surgery:
         loaded = None  # scored (maybe offloaded) model freed before the copy
     else:
-        loaded = loaded or load_model(src, opts)
+        loaded = loaded or load_model(src, opts, tokenizer="optional")
         remove_blocks(loaded.model, removed)
-    with atomic_dir(out, force, inputs=(src,)) as tmp:
+    with atomic_dir(out, force, inputs) as tmp:
         if by_surgery:
             surgery.cut_checkpoint(src, tmp, removed, opts, progress)
         else:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .checkpoint import make_config_portable
 from .families import family_for, num_blocks
 from .loading import LoadOptions, load_config, load_tokenizer, torch_dtype
+from .loading import _check_weight_files as check_weight_files
 from .pruning import prune_config
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,36 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def applies(source: str, options: LoadOptions | None = None) -> bool:
-    """True when `source` is a local directory of safetensors weights (sharded or not), not GGUF."""
+def applies(source: str, options: LoadOptions | None = None, config=None) -> bool:
+    """True when `source` is a local directory of safetensors weights (sharded or not, not GGUF) holding exactly
+    the tensors its config's model has (names and shapes, read from the headers). A checkpoint that does not fit
+    its config goes through the load path, whose checks name the problem; broken files are a UsageError here."""
     opts = options or LoadOptions()
     p = Path(source)
-    return opts.gguf_file is None and p.is_dir() and ((p / INDEX).is_file() or (p / SINGLE).is_file())
+    if opts.gguf_file is not None or not p.is_dir() or not ((p / INDEX).is_file() or (p / SINGLE).is_file()):
+        return False
+    check_weight_files(p, opts.allow_pickle)
+    return tensors_fit_config(p, config if config is not None else load_config(source, opts.trust_remote_code))
+
+
+def tensors_fit_config(source: Path, config) -> bool:
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = model.state_dict(keep_vars=True)
+    want = {k: tuple(v.shape) for k, v in params.items()}
+    have = {}
+    for name in shards_of(source):
+        with safe_open(source / name, framework="pt") as f:
+            have.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    shared = {}  # tied weights (lm_head = embeddings): one stored name is enough
+    for k, v in params.items():
+        shared.setdefault(id(v), []).append(k)
+    missing = {k for k in set(want) - set(have) if not any(o in have for o in shared[id(params[k])])}
+    return not missing and all(k in want and want[k] == shape for k, shape in have.items())
 
 
 def block_key_pattern(config) -> re.Pattern:
@@ -125,7 +151,9 @@ def cut_checkpoint(source: str, out_dir: str | Path, removed: list[int], options
     except OSError:
         gen = GenerationConfig.from_model_config(config)
     gen.save_pretrained(out_dir)
-    load_tokenizer(source, opts).save_pretrained(out_dir)
+    tok = load_tokenizer(source, opts, "optional")  # as the load path: none where the source has none
+    if tok is not None:
+        tok.save_pretrained(out_dir)
     log.info("surgery: %d tensors in %d shards (%.1f MB), blocks %s removed", count, len(written), total / 1e6,
              removed)  # fmt: skip
     return {"shards": len(written), "tensors": count, "bytes": total}
