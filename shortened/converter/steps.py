@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
+from . import surgery
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import save_checkpoint
 from .criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
@@ -140,23 +141,33 @@ def prune(
             )
     if calib is not None:
         calib.validate()
-    needs_tokenizer = blocks is None and scores is None and calib is not None
-    loaded = load_model(src, opts, tokenizer=True if needs_tokenizer else "optional")
+    loaded = None
     if blocks is None and scores is None:
+        loaded = load_model(src, opts, tokenizer=True if calib is not None else "optional")
         num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
         scores = score(
             loaded, criterion, calib, protect, no_protect, iterative, num, ratio, micro_batch, progress=progress
         )
     order = [i for i in scores.removal_order if i not in protected] if scores else None
     removed = choose_blocks(order, n, remove, ratio, blocks, protected)
-    log.info("removing blocks %s of %d", removed, n)
-    remove_blocks(loaded.model, removed)
+    # nothing needs the model in memory (any more): cut the safetensors shard by shard (peak memory ~ one shard)
+    by_surgery = surgery.applies(src, opts, config)
+    log.info("removing blocks %s of %d (%s)", removed, n, "tensor surgery" if by_surgery else "in memory")
+    if by_surgery:
+        loaded = None  # scored (maybe offloaded) model freed before the copy
+    else:
+        loaded = loaded or load_model(src, opts, tokenizer="optional")
+        remove_blocks(loaded.model, removed)
     with atomic_dir(out, force, inputs) as tmp:
-        save_checkpoint(loaded.model, loaded.tokenizer, tmp)
+        if by_surgery:
+            surgery.cut_checkpoint(src, tmp, removed, opts, progress)
+        else:
+            save_checkpoint(loaded.model, loaded.tokenizer, tmp)
         write_pruning_record(tmp, src, n, removed, scores)
         if scores is not None:
             write_json(tmp / "scores.json", scores.to_dict())
             from ..plots import plot_block_scores
 
             plot_block_scores(scores, tmp / "scores.png", removed=removed)
-    return {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed)}
+    return {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed),
+            "method": "surgery" if by_surgery else "in_memory"}  # fmt: skip
