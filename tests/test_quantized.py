@@ -248,3 +248,29 @@ def test_genai_runs_the_int4_export(small_models, fp32_exports, tmp_path):
     while not gen.is_done():
         gen.generate_next_token()
     assert list(gen.get_sequence(0))[len(prompt) :] == ours.tolist()
+
+
+def test_hqq_uint8_zero_points_are_exactly_its_float_ones(fp32_exports, tmp_path):
+    """The default hqq int4 writes uint8 zero points (MatMulNBits' fast CPU kernel) plus a per-block offset matmul:
+    the same function as hqq's float zero points, so with fp32 compute (accuracy level 1; level 4 quantizes the
+    activations to int8 on the fast path only) the logits agree to float rounding."""
+    from shortened.exporters.quantize import quantize_export
+    from shortened.validators.runners.onnxruntime import load_ort_runner
+
+    out = {}
+    for name, extra in (("uint8", {}), ("float", {"float_zero_points": True})):
+        quant = {"method": "hqq", "accuracy_level": 1, **extra}
+        quantize_export(fp32_exports["llama"], tmp_path / name, "int4", quant=quant)
+        out[name] = tmp_path / name
+    g = onnx.load(str(out["uint8"] / "model.onnx")).graph
+    inits = {t.name: t for t in g.initializer}
+    hqq = [n for n in g.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
+    assert hqq and all(inits[n.input[3]].data_type == onnx.TensorProto.UINT8 for n in hqq)
+    assert sum(n.name.endswith("/ReduceSum") for n in g.node) == len(hqq)
+    ids = np.random.default_rng(0).integers(0, 100, (2, 9))
+    logits = {}
+    for name, d in out.items():
+        r = load_ort_runner(d)
+        logits[name], _ = r.step(ids, np.ones_like(ids), np.broadcast_to(np.arange(9), ids.shape).copy(), None)
+    ref = logits["float"]
+    assert np.abs(logits["uint8"] - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())

@@ -7,7 +7,8 @@ int4/int8 weights with one scale (and, asymmetric, one zero point) per `block_si
 norms, attention and the KV cache stay fp32.
 
 Methods (all onnxruntime's): rtn (its C++ round-to-nearest, `DefaultWeightOnlyQuantConfig`; the one
-onnxruntime-genai's builder uses), hqq (half-quadratic, asymmetric with float zero points, 4 bits), gptq (Hessian
+onnxruntime-genai's builder uses), hqq (half-quadratic, asymmetric, 4 bits; its float
+zero points are rewritten to uint8 ones plus an exact per-block offset, for MatMulNBits' fast CPU kernel), gptq (Hessian
 from calibration activations, 4 bits; the calibration windows run through the fp32 graph).
 
 The embedding: with tied embeddings (SmolLM2) and an rtn-quantized head, the Gather reads the head's own quantized
@@ -49,12 +50,27 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 #   int8 rtn sym block 32                                130 MB  mean KL 0.0070 top-1 0.936  PPL 94.79 (4 windows)
 # RTN rounds SmolLM2's outlier-heavy projections badly; the int4 head costs most of the rest. So int4 defaults to
 # hqq for the blocks and an int8 head shared with the embedding; int8 to rtn (hqq and gptq are 4-bit only).
-# WikiText-2 through onnxruntime, 60 x 128 windows: fp32 144.35, int4 (this default) 144.24, int8 145.32,
+# WikiText-2 through onnxruntime, 60 x 128 windows: fp32 144.35, int4 (hqq, float zero points) 144.24, int8 145.32,
 # onnxruntime-genai's int4 builder 238.92.
-# The price is speed: one decode step (batch 1, 64-token prompt, 2 threads, load ~7-9) takes 16 ms with rtn int4,
-# 21 ms with rtn int8, 43 ms in fp32, but 180-230 ms with hqq: its float zero points miss MatMulNBits' fast CPU
-# path in onnxruntime 1.32. For speed pick `method="rtn"` (head_bits=4 is genai's layout, 73 MB) and accept the
-# quality above; an hqq layout with integer zero points (or gptq) is what would give both (not done).
+# Speed: HQQ's float zero points miss MatMulNBits' fast CPU path in onnxruntime 1.32 (a decode step 180 ms). So
+# hqq's zero points are written as uint8, exactly (_integer_zero_points: round(z) in the node, the fractional rest
+# as a per-block offset matmul on the block sums of x). One decode step, batch 1, 64-token prompt, 2 threads,
+# median of 7 repetitions side by side in one process (load 4.5), against rtn int4 with an int4 head (genai's layout):
+#   layout (int4 blocks, block 32 unless named)          size    decode ms (ratio)   8 windows: PPL  mean KL  top-1
+#   rtn sym, head int4 (genai's layout, the reference)     73 MB  10.7-11.7 (1.00)       182.73   0.600   0.520
+#   rtn sym, head int8                                     87 MB  11.5-12.2 (0.94-0.96)  162.17   0.474   0.592
+#   rtn asym (uint8 zero points), head int8                90 MB  11.9 (0.90)            171.92   0.456   0.605
+#   rtn sym block 16, head int8                           102 MB  15.2 (0.70)            162.31   0.384   0.635
+#   hqq, zeros rounded + scales refit (not kept)           89 MB  12.4 (0.86)            172.30   0.474   0.592
+#   hqq, float zero points, head int8 (old default)        98 MB  181.6 (0.06)           122.00   0.0016  0.976
+#   hqq, uint8 zeros + exact offset, head int8 (default)  100 MB  14.2 (0.82)            123.00   0.0060  0.956
+#   fp32                                                  438 MB  37.6 (0.29)           122.29
+# (KL/top-1 here against the fp32 onnx export; the default's KL over the float layout is accuracy level 4's int8
+# activations, which only the fast path applies.) 60 windows: fp32 144.37, this default 144.82 (+0.3%).
+# Rounding hqq's zeros alone loses everything: this checkpoint's
+# weights lie on a 4-bit grid with fractional offsets (11 distinct values in a block of 32), which hqq's float zero
+# finds and an integer zero cannot. The default is 13x faster than the old one at +0.6% PPL but still 0.82x genai's
+# int4 step (the offset matmuls); gptq and accuracy levels were not measured in this round.
 DEFAULT_METHOD = {4: "hqq", 8: "rtn"}
 DEFAULT_HEAD_BITS = {4: 8, 8: 8}
 
@@ -71,6 +87,7 @@ class QuantOptions:
     head_bits: int = -1  # the head's (and a shared embedding's) bits, 4 or 8; -1: DEFAULT_HEAD_BITS; 0: as the weights
     embedding: bool = True  # tied: gather from the head's quantized table; untied int4 rtn: quantize the table
     format: str = "qoperator"  # qoperator (MatMulNBits, onnxruntime) | qdq (DequantizeLinear -> MatMul, TensorRT)
+    float_zero_points: bool = False  # hqq: keep its float zero points (slow CPU path) instead of rounding to uint8
 
     def resolved(self, bits: int) -> QuantOptions:
         """A copy with the precision's defaults filled in (what export.json records)."""
@@ -240,6 +257,8 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     for b, excl, o, ops in passes:
         model = _run_quantizer(model, b, o, excl, _config(o, b, calib_reader, ops))
     out = model
+    if opts.method == "hqq" and not opts.float_zero_points and qop:
+        _integer_zero_points(out.graph, bits, opts.block_size)
     if opts.accuracy_level and qop:  # hqq and gptq write no accuracy level: the same compute for every method
         from onnx import helper
 
@@ -265,6 +284,55 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     if quantized == 0:
         raise UsageError("the quantizer found no MatMul with a constant weight to quantize in this graph")
     return out, record
+
+
+def _integer_zero_points(graph, bits: int, block: int) -> int:
+    """Rewrite each MatMulNBits with float zero points (hqq) to packed uint8 zero points, the layout MatMulNBits'
+    fast CPU kernel takes, exactly: (q - z) * s = (q - round(z)) * s - (z - round(z)) * s, so the node keeps hqq's
+    codes and scales with zero round(z), and the fractional part becomes a per-block offset C [K/block, N] added as
+    (x summed over each block of K) @ C (Reshape -> ReduceSum -> MatMul -> Add). Returns how many nodes."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    qmax = 2**bits - 1
+    count = 0
+    for n in list(graph.node):
+        if n.op_type != "MatMulNBits" or len(n.input) < 4 or n.input[3] not in inits:
+            continue
+        if inits[n.input[3]].data_type != 1:  # float32 zero points only (hqq); rtn's are uint8 already
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        k, cols = int(attrs["K"]), int(attrs["N"])
+        if k % block:
+            continue  # the block sums need whole blocks
+        kb = k // block
+        scale = numpy_helper.to_array(inits[n.input[2]]).reshape(cols, kb).astype(np.float32)
+        zf = numpy_helper.to_array(inits[n.input[3]]).reshape(cols, kb).astype(np.float32)
+        z = np.clip(np.round(zf), 0, qmax)
+        offset = (-(zf - z) * scale).T.astype(np.float32)  # [kb, N]
+        zb = z.astype(np.uint8)
+        if bits == 4:
+            zb = np.concatenate([zb, np.zeros((cols, kb % 2), np.uint8)], 1)
+            zb = zb[:, 0::2] | (zb[:, 1::2] << 4)
+        inits[n.input[3]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(zb.reshape(-1)), n.input[3]))
+        base, out = n.name or f"nbits{count}", n.output[0]
+        for name, arr in ((f"{base}/blocks", np.array([0, 0, kb, block], np.int64)),
+                          (f"{base}/axis", np.array([-1], np.int64)), (f"{base}/offset", offset)):  # fmt: skip
+            graph.initializer.append(numpy_helper.from_array(arr, name))
+        n.output[0] = f"{base}/int"
+        extra = [
+            helper.make_node("Reshape", [n.input[0], f"{base}/blocks"], [f"{base}/xb"], name=f"{base}/Reshape"),
+            helper.make_node("ReduceSum", [f"{base}/xb", f"{base}/axis"], [f"{base}/xs"], keepdims=0,
+                             name=f"{base}/ReduceSum"),
+            helper.make_node("MatMul", [f"{base}/xs", f"{base}/offset"], [f"{base}/corr"], name=f"{base}/MatMul"),
+            helper.make_node("Add", [f"{base}/int", f"{base}/corr"], [out], name=f"{base}/Add"),
+        ]
+        i = list(graph.node).index(n)
+        for j, e in enumerate(extra):
+            graph.node.insert(i + 1 + j, e)
+        count += 1
+    return count
 
 
 def _drop_unused_initializers(graph) -> None:
