@@ -96,7 +96,9 @@ DEFAULT_TOLERANCES = {
 # int4/int8 (weight-only, exporters/quantize.py) are compared against the fp32 PyTorch model of the same checkpoint,
 # and judged by the distributions only: mean and max KL; top-1, top1_gap and the greedy agreement are reported.
 # Measured on SmolLM2-135M pruned to 24 blocks, CPU, the default 12 cases (text and random, b1/b2, L1/16/48, 16
-# tokens): int4 (hqq blocks, int8 head) mean KL <= 0.0031 per case, max KL 0.013, top-1 0.67-1.0 (near-ties flip),
+# tokens): int4 (hqq blocks, int8 head) mean KL <= 0.0031 per case, max KL 0.013, top-1 0.67-1.0 (near-ties flip)
+# with hqq's float zero points; with the uint8 zero points (the default, accuracy level 4's int8 activations on the
+# fast path) mean KL <= 0.0127, max KL 0.136, top-1 >= 0.5 (load 4.9): inside the gates, which stay as they are;
 # first differing greedy token anywhere from 0 to none in 16; int8 (rtn, int8 head) mean KL <= 0.0173, max KL
 # 0.125 (rtn rounds SmolLM2's outliers worse than hqq at 4 bits). Round-to-nearest int4 with an int4 head
 # (onnxruntime-genai's default) gives mean KL 0.57 there and fails; random tiny models (tests) reach mean KL 0.03,
