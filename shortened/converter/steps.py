@@ -13,8 +13,11 @@ from .criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
 from .families import num_blocks
 from .loading import Loaded, LoadOptions, load_config, load_model
 from .pruning import check_scores_match, choose_blocks, load_scores, remove_blocks, write_pruning_record
+from .recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, fold
+from .selection import check_plan, plan_removal
 
 log = logging.getLogger(__name__)
+PRUNE_SELECT, PRUNE_RECOVER = "topk", "none"  # prune's defaults (auto: selection and recovery wherever --calib is)
 
 
 def model_fingerprint(source: str, config) -> dict:
@@ -38,12 +41,28 @@ def score(
     plot: bool = True,
     progress: bool = True,
     force: bool = False,
+    select: str = "topk",
+    recover: str = "none",
+    recover_calib: str | CalibSpec | None = None,
+    recover_samples: int = RECOVER_SAMPLES,
+    recover_order: str = "best",
+    ridge: float = DEFAULT_RIDGE,
 ) -> BlockScores:
-    """Score every block of a model; optionally write scores.json (and scores.png beside it)."""
+    """Score every block of a model; optionally write scores.json (and scores.png beside it). With a selection
+    other than topk (or a recovery), the candidate sets of `num_remove` blocks and their scores go in `selection`."""
     if out is not None:
         check_output_dir(out, force=force)
     if calib is not None:
         calib.validate()
+    planned = select != "topk" or recover != "none"
+    if planned:
+        trust = (load or LoadOptions()).trust_remote_code
+        config = model.model.config if isinstance(model, Loaded) else load_config(model, trust)
+        select, recover, fit_spec = check_plan(select, recover, calib, recover_calib, recover_samples,
+                                               recover_order, config)  # fmt: skip
+        planned = select != "topk" or recover != "none"
+        if planned and not num_remove and not (ratio and 0 < ratio < 1):
+            raise UsageError(f"--select {select} scores sets of blocks: say how many with --remove N or --ratio R")
     if isinstance(model, Loaded):
         loaded = model
     else:
@@ -59,6 +78,12 @@ def score(
         loaded.model, criterion, batch, protect, no_protect, iterative, num_remove, micro_batch, progress
     )
     result.model = model_fingerprint(loaded.source, loaded.model.config)
+    if planned:
+        k = num_remove or max(1, round(ratio * n))
+        protected = protected_blocks(n, protect, no_protect)
+        sel = plan_removal(loaded, result, k, None, select, recover, calib, fit_spec, protected, micro_batch, ridge,
+                           recover_order, progress)  # fmt: skip
+        result.selection = sel.to_dict()
     if out is not None:
         save_scores(result, out, plot)
     return result
@@ -92,8 +117,20 @@ def prune(
     load: LoadOptions | None = None,
     force: bool = False,
     progress: bool = True,
+    select: str = PRUNE_SELECT,
+    recover: str = PRUNE_RECOVER,
+    recover_calib: str | CalibSpec | None = None,
+    recover_samples: int = RECOVER_SAMPLES,
+    recover_order: str = "best",
+    ridge: float = DEFAULT_RIDGE,
+    recover_always: bool = False,
 ) -> dict:
-    """Remove blocks and save a standard checkpoint to `out` (which appears only when complete)."""
+    """Remove blocks and save a standard checkpoint to `out` (which appears only when complete).
+
+    select: topk (the criterion's order), span, iterative or best (candidate sets scored by calibration
+    perplexity after recovery, selection.py); recover: none or linear (recovery.py), fitted on `recover_samples`
+    windows of `recover_calib` (default: the --calib source with seed + 1, so not the scoring windows), and folded
+    in only where it lowers the calibration perplexity (`recover_always`: regardless)."""
     opts = load or LoadOptions()
     src = model
     check_output_dir(out, force, inputs=(src,))
@@ -122,19 +159,31 @@ def prune(
             )
     if calib is not None:
         calib.validate()
+    select, recover, fit_spec = check_plan(
+        select, recover, calib, recover_calib, recover_samples, recover_order, config
+    )
     loaded = load_model(src, opts)
+    planned = recover != "none" or (select != "topk" and blocks is None)
     if blocks is None and scores is None:
         num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
-        scores = score(
-            loaded, criterion, calib, protect, no_protect, iterative, num, ratio, micro_batch, progress=progress
-        )
+        it = iterative or (planned and select in ("iterative", "best") and criterion == "ppl")  # step 1 = ppl's
+        scores = score(loaded, criterion, calib, protect, no_protect, it, num, ratio, micro_batch, progress=progress)
     order = [i for i in scores.removal_order if i not in protected] if scores else None
     removed = choose_blocks(order, n, remove, ratio, blocks, protected)
+    selection = None
+    if planned:
+        selection = plan_removal(loaded, scores, len(removed), blocks, select, recover, calib, fit_spec, protected,
+                                 micro_batch, ridge, recover_order, progress, recover_always)  # fmt: skip
+        removed = selection.best.blocks
+        if selection.best.recovered:
+            fold(loaded.model, selection.best.recovery.maps)
+        if scores is not None:
+            scores.selection = selection.to_dict()
     log.info("removing blocks %s of %d", removed, n)
     remove_blocks(loaded.model, removed)
     with atomic_dir(out, force, inputs=(src,)) as tmp:
         save_checkpoint(loaded.model, loaded.tokenizer, tmp)
-        write_pruning_record(tmp, src, n, removed, scores)
+        write_pruning_record(tmp, src, n, removed, scores, selection)
         if scores is not None:
             write_json(tmp / "scores.json", scores.to_dict())
             from ..plots import plot_block_scores
