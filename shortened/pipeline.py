@@ -63,7 +63,7 @@ class ConvertConfig:
     recover_samples: int = 128
     sweep_max_remove: int = 0  # ratio = "auto": the largest k tried (0: 40% of the blocks)
     # retraining (off unless a method is given; other RetrainConfig options in [retrain_options])
-    retrain: str = ""  # lora | full | distill
+    retrain: str = ""  # lora | full | distill | partial
     retrain_data: str = ""
     retrain_steps: int = 100
     retrain_options: dict = field(default_factory=dict)
@@ -124,8 +124,8 @@ class ConvertConfig:
         resolve(self.select, self.recover, load_config(self.model, self.trust_remote_code), bool(self.calib))
         if self.recover_calib and not Path(self.recover_calib).is_file():
             raise UsageError(f"recovery calibration file {self.recover_calib} not found")
-        if self.retrain and self.retrain not in ("lora", "full", "distill"):
-            raise UsageError(f"unknown retrain method {self.retrain!r}; choose lora, full or distill")
+        if self.retrain and self.retrain not in ("lora", "full", "distill", "partial"):
+            raise UsageError(f"unknown retrain method {self.retrain!r}; choose lora, full, distill or partial")
         if self.retrain and not self.retrain_data:
             raise UsageError("retraining needs data: pass --retrain-data FILE")
         if self.precision not in ("fp32", "fp16", "bf16"):

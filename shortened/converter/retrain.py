@@ -22,13 +22,13 @@ from .loading import LoadOptions
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "full", "distill")
+METHODS = ("lora", "full", "distill", "partial")  # partial: only the blocks next to each removed run (partial.py)
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-4}  # the paper's LoRA and continued-pretraining learning rates
 
 
 @dataclass
 class RetrainConfig:
-    method: str = "lora"  # lora | full | distill
+    method: str = "lora"  # lora | full | distill | partial
     # data
     data: str | None = None  # .txt / .jsonl file, or a Hugging Face dataset (hf:NAME[:CONFIG])
     val_data: str | None = None  # separate validation source; default: a held-out part of `data`
@@ -68,6 +68,9 @@ class RetrainConfig:
     temperature: float = 2.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0  # optional cross-entropy on the labels
+    # partial: also the final norm and head; weight of the MSE to the original's hidden state at the same depth
+    partial_head: bool = False
+    partial_mse: float = 0.0
     # run
     resume: bool = False
     keep_checkpoints: bool = False
@@ -77,6 +80,8 @@ class RetrainConfig:
     @property
     def weights(self) -> str:
         """What is trained: lora or full."""
+        if self.method == "partial":
+            return "full"
         return self.distill_weights if self.method == "distill" else self.method
 
     def validate(self) -> None:
@@ -245,7 +250,7 @@ def _training_args(cfg: RetrainConfig, work: Path, has_val: bool):
 
 
 def _losses(history: list[dict]) -> dict:
-    train = [{"step": h["step"], "loss": h["loss"], **{k: h[k] for k in ("kl", "ce") if k in h}} for h in history
+    train = [{"step": h["step"], "loss": h["loss"], **{k: h[k] for k in ("kl", "ce", "mse") if k in h}} for h in history
              if "loss" in h]  # fmt: skip
     val = [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h]
     return {"train": train, "val": val}
@@ -289,7 +294,15 @@ def retrain(
         shutil.rmtree(work)
     if cfg.resume and not have_ckpt:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", work)
-    teacher_src = _find_teacher(model, cfg) if cfg.method == "distill" else None
+    partial_pairs = None
+    if cfg.method == "partial":
+        from .partial import neighbour_blocks, pruning_record
+
+        partial_pairs = neighbour_blocks(pruning_record(model))
+        if cfg.partial_mse < 0:
+            raise UsageError(f"--partial-mse must not be negative, got {cfg.partial_mse}")
+    needs_teacher = cfg.method == "distill" or (cfg.method == "partial" and cfg.partial_mse > 0)
+    teacher_src = _find_teacher(model, cfg) if needs_teacher else None
     if cfg.resume and have_ckpt:
         saved = work / "retrain_config.json"
         if saved.is_file():
@@ -339,6 +352,10 @@ def retrain(
             task_type="CAUSAL_LM",
         )
         net = peft.get_peft_model(net, lora)
+    if partial_pairs is not None:
+        from .partial import freeze_for_partial
+
+        freeze_for_partial(net, [p for p, _ in partial_pairs], cfg.partial_head)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     log.info("training %d of %d parameters (%s)", trainable, total, cfg.method)
@@ -364,6 +381,12 @@ def retrain(
             **common, teacher=teacher_model, temperature=cfg.temperature, kd_weight=cfg.kd_weight,
             ce_weight=cfg.ce_weight,
         )  # fmt: skip
+    elif cfg.method == "partial" and cfg.partial_mse > 0:
+        from .partial import partial_trainer_class
+
+        teacher_model = load_model(teacher_src, cfg.load, tokenizer=False).model
+        trainer = partial_trainer_class()(**common, teacher=teacher_model, pairs=partial_pairs,
+                                          mse_weight=cfg.partial_mse)  # fmt: skip
     else:
         trainer = Trainer(**common)
     if trainer.is_world_process_zero():
@@ -416,6 +439,7 @@ def retrain(
         "best_step": best_step,
         "resumed_from_step": resumed_from,
         "trainable_parameters": trainable,
+        "trained_blocks": partial_pairs and [{"pruned": p, "original": o} for p, o in partial_pairs],
         "total_parameters": total,
         "hyperparameters": {
             "lr": lr,
@@ -443,6 +467,7 @@ def retrain(
                 if cfg.method == "distill"
                 else {}
             ),
+            **({"partial_head": cfg.partial_head, "partial_mse": cfg.partial_mse} if cfg.method == "partial" else {}),
         },  # fmt: skip
         "losses": {"initial_val": initial_val, **_losses(state.log_history)},
         "best_val_loss": state.best_metric,
