@@ -65,6 +65,8 @@ demo: fetch
 bench: setup fetch
 	$(PY) benchmarks/bench_ppl_scoring.py --model $(MODEL_DIR) --calib $(CALIB)
 	$(PY) benchmarks/bench_speed.py --model $(MODEL_DIR)
+	$(PY) benchmarks/bench_recovery.py --model $(MODEL_DIR) --calib $(CALIB) --eval $(EVAL) --selections topk,span,iterative \
+		--iterative-both --prune
 
 clean:
 	rm -rf $(VENV) $(VENV_OPT) .pytest_cache .ruff_cache out

@@ -26,6 +26,33 @@ def load() -> str:
     return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
+def heal(pruned: Path, out: Path, args) -> dict:
+    """Retrain for a wall-clock budget (a callback stops the Trainer), then the held-out perplexity."""
+    from transformers import TrainerCallback
+
+    from shortened.converter.loading import load_model
+    from shortened.converter.retrain import retrain
+    from shortened.validators.quality import perplexity
+
+    class Budget(TrainerCallback):
+        def __init__(self, seconds):
+            self.seconds, self.t0 = seconds, time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if time.perf_counter() - self.t0 > self.seconds:
+                control.should_training_stop = True
+            return control
+
+    t = time.perf_counter()
+    rec = retrain(str(pruned), out, method=args.heal_method, data=args.heal_data, max_steps=10_000, seq_len=128,
+                  batch_size=8, eval_steps=10_000, lr=2e-4, callbacks=[Budget(args.heal_minutes * 60)],
+                  progress=False)  # fmt: skip
+    p = load_model(str(out))
+    ppl = perplexity(p.model, p.tokenizer, args.eval, 128, max_windows=60, progress=False).ppl
+    return {"method": args.heal_method, "steps": rec["steps"], "seconds": round(time.perf_counter() - t, 1),
+            "heldout_ppl": ppl, "data": args.heal_data, "load": load()}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -37,6 +64,9 @@ def main() -> None:
     ap.add_argument("--selections", default="topk,span,iterative")
     ap.add_argument("--iterative-both", action="store_true", help="also time the iterative order by rescoring")
     ap.add_argument("--prune", action="store_true", help="time the whole `prune` (default path) into a temp dir")
+    ap.add_argument("--heal-minutes", type=float, default=0, help="after --prune: partial retraining for this long")
+    ap.add_argument("--heal-method", default="partial", help="retrain method for --heal-minutes")
+    ap.add_argument("--heal-data", default=str(SHARED / "text" / "corpus_en.txt"), help="retraining text, not WikiText")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -124,7 +154,8 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            prune(args.model, Path(d) / "p", criterion="ppl", calib=calib, remove=k, progress=False)
+            prune(args.model, Path(d) / "p", criterion="ppl", calib=calib, remove=k, progress=False,
+                  select="auto", recover="auto")  # fmt: skip
             out["prune_default_s"] = time.perf_counter() - t
             rec = json.loads((Path(d) / "p" / "pruning.json").read_text())
             p = load_model(str(Path(d) / "p"))
@@ -133,7 +164,10 @@ def main() -> None:
             out["prune_default"] = {"removed": rec["removed_blocks"], "recovery": rec.get("recovery", {}).get("method"),
                                     "heldout_ppl": perplexity(p.model, p.tokenizer, args.eval, 128, max_windows=60,
                                                               progress=False).ppl, "load": load()}  # fmt: skip
-        print(f"prune (default path) {out['prune_default_s']:.1f}s: {out['prune_default']}", flush=True)
+            print(f"prune (default path) {out['prune_default_s']:.1f}s: {out['prune_default']}", flush=True)
+            if args.heal_minutes:
+                out["healing"] = heal(Path(d) / "p", Path(d) / "h", args)
+                print(f"healing: {out['healing']}", flush=True)
 
     print("\n| selection | blocks | held-out PPL | with recovery | select s | fit s | samples |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

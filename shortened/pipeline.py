@@ -344,6 +344,13 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
 
     calib = CalibSpec(cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.add_bos) if cfg.calib else None
     calib_fp = fingerprint_path(cfg.calib) if cfg.calib and Path(cfg.calib).is_file() else {"source": cfg.calib}
+    from .converter.loading import load_config
+    from .converter.selection import resolve
+
+    select, _ = resolve(cfg.select, cfg.recover, load_config(cfg.model, cfg.trust_remote_code), bool(cfg.calib))
+    fixed_ratio = None if cfg.ratio == "auto" else cfg.ratio
+    # selection best/iterative with the ppl criterion: the iterative order's first step is the criterion itself
+    iterative = cfg.iterative or (cfg.criterion == "ppl" and select in ("best", "iterative") and fixed_ratio)
     score_key = _key(
         "score",
         model_fp,
@@ -351,12 +358,11 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
         calib_fp,
         dataclasses.asdict(calib) if calib else None,
         cfg.criterion,
-        cfg.iterative,
+        bool(iterative),
         cfg.protect,
         cfg.no_protect,
-        None if not cfg.iterative else (cfg.remove, cfg.ratio),
+        None if not iterative else (cfg.remove, cfg.ratio),
     )
-    fixed_ratio = None if cfg.ratio == "auto" else cfg.ratio
 
     def do_score():
         from .converter.steps import save_scores, score
@@ -367,7 +373,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
             calib,
             cfg.protect,
             cfg.no_protect,
-            cfg.iterative,
+            bool(iterative),
             cfg.remove or None,
             fixed_ratio if fixed_ratio is not None else 0.2,
             load=load_opts,

@@ -122,7 +122,7 @@ def test_refusals(tiny_models, calib_file, tmp_path):
               recover="linear", progress=False)  # fmt: skip
     assert not (tmp_path / "g").exists() and not (tmp_path / "l").exists()
     m = load_model(str(tiny_models["gemma2"]))
-    assert resolve("auto", "auto", m.model.config, True) == ("best", "none")  # auto: no recovery where refused
+    assert resolve("auto", "auto", m.model.config, True) == ("auto", "none")  # auto: no recovery where refused
     assert resolve("auto", "auto", m.model.config, False) == ("topk", "none")
 
 

@@ -38,8 +38,8 @@ def _add_plan_args(p, select: str, recover: str, always: bool = False) -> None:
     g = p.add_argument_group("selection and training-free recovery")
     g.add_argument("--select", choices=("auto", *SELECTIONS), default=select,
                    help="topk: the criterion's order; span: best contiguous span; iterative: SLEB order; best: "
-                   "all of them, scored by calibration perplexity after recovery; auto: best with --calib "
-                   f"(default {select})")
+                   "all of them, scored by calibration perplexity after recovery; auto: top-k and spans with "
+                   f"--calib, no iterative order (it costs about k criterion passes) (default {select})")
     g.add_argument("--recover", choices=RECOVER, default=recover,
                    help="linear: a least-squares map per removed run, folded into the kept block before it "
                    f"(ReplaceMe); auto: linear with --calib where the family allows (default {recover})")
@@ -115,7 +115,7 @@ def register(sub, groups) -> None:
     p.add_argument("--protect", type=int_list, help="blocks never removed (default 0,1,2,3,-2,-1)")
     p.add_argument("--no-protect", action="store_true", help="every block is a candidate")
     p.add_argument("--micro-batch", type=int, default=10, help="samples per forward pass")
-    _add_plan_args(p, "best", "auto")
+    _add_plan_args(p, "auto", "auto")
     _add_calib_args(p)
     add_load_args(p)
     p.set_defaults(func=cmd_sweep)

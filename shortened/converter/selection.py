@@ -130,14 +130,15 @@ class Selection:
 
 
 def candidate_sets(mode: str, k: int, candidates, topk_order=None, iterative=None) -> dict[str, list[int]]:
-    if mode not in SELECTIONS:
-        raise UsageError(f"unknown selection {mode!r}; choose one of {', '.join(SELECTIONS)}")
+    """{name: blocks}. auto = best without the iterative order (which costs about k criterion passes)."""
+    if mode not in (*SELECTIONS, "auto"):
+        raise UsageError(f"unknown selection {mode!r}; choose one of auto, {', '.join(SELECTIONS)}")
     out = {}
-    if mode in ("topk", "best") and topk_order is not None:
+    if mode in ("topk", "best", "auto") and topk_order is not None:
         out["topk"] = sorted(topk_order[:k])
     if mode in ("iterative", "best") and iterative is not None:
         out["iterative"] = sorted(iterative[:k])
-    if mode in ("span", "best"):
+    if mode in ("span", "best", "auto"):
         for s in spans(candidates, k):
             out.setdefault(f"span {s[0]}-{s[-1]}", s)
     if not out:
@@ -208,7 +209,8 @@ def choose_and_recover(
 
 
 def resolve(select: str, recover: str, config, have_calib: bool) -> tuple[str, str]:
-    """auto -> best / linear when there is calibration text (and the family can fold a map), else topk / none."""
+    """select auto: top-k and every span (best without the costly iterative order) when there is calibration text,
+    else topk; recover auto: linear when there is calibration text and the family can fold a map, else none."""
     from .families import family_for
     from .recovery import RECOVER
 
@@ -216,8 +218,8 @@ def resolve(select: str, recover: str, config, have_calib: bool) -> tuple[str, s
         raise UsageError(f"unknown selection {select!r}; choose one of auto, {', '.join(SELECTIONS)}")
     if recover not in RECOVER:
         raise UsageError(f"unknown recovery {recover!r}; choose one of {', '.join(RECOVER)}")
-    if select == "auto":
-        select = "best" if have_calib else "topk"
+    if select == "auto" and not have_calib:
+        select = "topk"
     if recover == "auto":
         recover = "linear" if have_calib and not family_for(config).linear_recovery_refusal else "none"
     return select, recover

@@ -58,7 +58,7 @@ def sweep(
     eval_text: str,
     calib: CalibSpec,
     k_max: int | None = None,
-    select: str = "best",
+    select: str = "auto",
     recover: str = "auto",
     recover_calib: str | CalibSpec | None = None,
     recover_samples: int = RECOVER_SAMPLES,
@@ -108,9 +108,10 @@ def sweep(
     base_ppl = variant_ppl(m, eval_cache, [])
     it, topk = None, None
     if select != "span":  # step 1 of the iterative order is the ppl criterion
-        it, steps, _ = iterative_order(m, score_cache, candidates, k_max if select != "topk" else 1, progress)
+        full = select in ("iterative", "best")
+        it, steps, _ = iterative_order(m, score_cache, candidates, k_max if full else 1, progress)
         topk = sorted(candidates, key=lambda i: steps[0]["scores"][i])
-        it = it if select != "topk" else None
+        it = it if full else None
     all_sets = {k: candidate_sets(select, k, candidates, topk, it) for k in range(1, k_max + 1)}
     fit_cache = None
     if recover == "linear":
