@@ -57,10 +57,10 @@ class ConvertConfig:
     remove: int = 0  # > 0 overrides ratio
     blocks: list = None  # explicit blocks, overrides both
     # selection and training-free recovery (converter/selection.py, recovery.py); auto: best / linear with calib
-    select: str = "topk"  # topk | span | iterative | best | auto
-    recover: str = "none"  # none | linear | auto
+    select: str = "auto"  # topk (the paper) | span | iterative | best | auto (top-k and spans where calib is given)
+    recover: str = "auto"  # none (the paper) | linear | auto (linear where calib is given and the family allows)
     recover_calib: str = ""  # fitting text for the recovery (default: calib, other windows)
-    recover_samples: int = 128
+    recover_samples: int = 64
     sweep_max_remove: int = 0  # ratio = "auto": the largest k tried (0: 40% of the blocks)
     # retraining (off unless a method is given; other RetrainConfig options in [retrain_options])
     retrain: str = ""  # lora | full | distill | partial

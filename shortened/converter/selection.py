@@ -91,7 +91,7 @@ def iterative_order(model, cache: HiddenCache, candidates, k: int, progress: boo
 class Candidate:
     name: str
     blocks: list
-    calib_ppl_no_recovery: float
+    calib_ppl_no_recovery: float | None  # None: not computed (with recovery, only the winner's is)
     calib_ppl: float | None = None  # after recovery (None: no recovery asked)
     recovery: object = None  # recovery.Recovery (its maps are tensors: kept out of to_dict)
     always: bool = False  # keep the map even where it raises the calibration perplexity
@@ -99,7 +99,9 @@ class Candidate:
     @property
     def recovered(self) -> bool:
         """The map is kept only where it lowers the calibration perplexity (it can over-fit a small sample)."""
-        return self.calib_ppl is not None and (self.always or self.calib_ppl < self.calib_ppl_no_recovery)
+        if self.calib_ppl is None:
+            return False
+        return self.always or self.calib_ppl_no_recovery is None or self.calib_ppl < self.calib_ppl_no_recovery
 
     @property
     def score(self) -> float:
@@ -149,9 +151,10 @@ def candidate_sets(mode: str, k: int, candidates, topk_order=None, iterative=Non
 def score_sets(
     model, sets: dict, score_cache: HiddenCache, fit_cache: HiddenCache | None = None, recover: str = "none",
     ridge: float | None = None, order: str = "best", progress: bool = True, mode: str = "best", recovery_calib=None,
-    always: bool = False,
+    always: bool = False, score_plain: bool = False,
 ) -> Selection:  # fmt: skip
-    """Score every named set by calibration perplexity (after recovery where asked); the lowest wins."""
+    """Score every named set by calibration perplexity (after recovery where asked); the lowest wins. With recovery,
+    the perplexity without it is computed for the winner only (every set with `score_plain`)."""
     from .recovery import DEFAULT_RIDGE
 
     t0 = time.perf_counter()
@@ -163,7 +166,7 @@ def score_sets(
         if key in seen:  # e.g. top-k equal to the iterative set: scored once
             sel.candidates.append(Candidate(name, blocks, *seen[key], always=always))
             continue
-        plain = variant_ppl(model, score_cache, blocks)
+        plain = variant_ppl(model, score_cache, blocks) if recover != "linear" or score_plain else None
         rec, rec_ppl = None, None
         if recover == "linear":
             r = fit_recovery(model, fit_cache, blocks, score_cache, ridge if ridge is not None else DEFAULT_RIDGE,
@@ -172,6 +175,13 @@ def score_sets(
         seen[key] = (plain, rec_ppl, rec)
         sel.candidates.append(Candidate(name, blocks, plain, rec_ppl, rec, always))
     sel.chosen = min(sel.candidates, key=lambda c: c.score).name
+    if sel.best.calib_ppl_no_recovery is None:  # without recovery, scored for the winner only (saves a pass per set)
+        sel.best.calib_ppl_no_recovery = variant_ppl(model, score_cache, sel.best.blocks)
+        if not sel.best.recovered:  # its map does not help: compare every set without recovery too
+            for c in sel.candidates:
+                if c.calib_ppl_no_recovery is None:
+                    c.calib_ppl_no_recovery = variant_ppl(model, score_cache, c.blocks)
+            sel.chosen = min(sel.candidates, key=lambda c: c.score).name
     sel.seconds = time.perf_counter() - t0
     return sel
 

@@ -17,7 +17,9 @@ from .recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, fold
 from .selection import check_plan, plan_removal
 
 log = logging.getLogger(__name__)
-PRUNE_SELECT, PRUNE_RECOVER = "topk", "none"  # prune's defaults (auto: selection and recovery wherever --calib is)
+# prune's defaults: selection (top-k and spans) and linear recovery wherever there is --calib; without it, as before.
+# The paper's path: --select topk --recover none. Measured in benchmarks/bench_recovery.py.
+PRUNE_SELECT, PRUNE_RECOVER = "auto", "auto"
 
 
 def model_fingerprint(source: str, config) -> dict:
@@ -159,6 +161,8 @@ def prune(
             )
     if calib is not None:
         calib.validate()
+    if recover == "auto" and 0 in (set(blocks or []) | (set(range(n)) - protected)):
+        recover = "none"  # block 0 could be removed: no kept block before it to fold a map into
     select, recover, fit_spec = check_plan(
         select, recover, calib, recover_calib, recover_samples, recover_order, config
     )
@@ -189,4 +193,7 @@ def prune(
             from ..plots import plot_block_scores
 
             plot_block_scores(scores, tmp / "scores.png", removed=removed)
-    return {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed)}
+    res = {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed)}
+    if selection is not None:
+        res.update(selected_by=selection.chosen, recovery="linear" if selection.best.recovered else "none")
+    return res
