@@ -127,7 +127,8 @@ def main() -> None:
                                  "same_order": a.removal_order == b.removal_order, "load": load()}  # fmt: skip
         print(f"iterative: reuse {t_reuse:.1f}s, rescoring {t_old:.1f}s, ratio {t_reuse / t_old:.2f}; {load()}")
 
-    depths = set().union(*(needed_depths(b) for b in sets.values()))
+    span_sets = {f"span {s[0]}-{s[-1]}": s for s in spans(cands, k)} if "span" in sel_names else {}
+    depths = set().union(*(needed_depths(b) for b in [*sets.values(), *span_sets.values()]))
     rows = []
     for ns in [int(x) for x in args.samples.split(",")]:
         t = time.perf_counter()
@@ -143,6 +144,18 @@ def main() -> None:
                    "calib_ppl": variant_ppl(model, score_cache, blocks), "calib_ppl_recovered": rec.calib_ppl,
                    "order": rec.order, "fit_cache_s": round(t_cache, 1), "fit_s": round(t_fit, 1),
                    "load": load()}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if span_sets:  # what prune does: every span scored on the calibration text after its own recovery
+            t = time.perf_counter()
+            sel = score_sets(model, span_sets, score_cache, fit_cache, "linear", ridge, progress=False)
+            best = sel.best
+            row = {"selection": "span (chosen after recovery)", "blocks": best.blocks, "samples": ns,
+                   "select_s": round(time.perf_counter() - t, 1),
+                   "heldout_ppl": variant_ppl(model, eval_cache, best.blocks),
+                   "heldout_ppl_recovered": variant_ppl(model, eval_cache, best.blocks, best.recovery.maps),
+                   "calib_ppl_recovered": {c.name: c.calib_ppl for c in sel.candidates},
+                   "fit_cache_s": round(t_cache, 1), "fit_s": 0.0, "load": load()}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
     out["rows"] = rows
