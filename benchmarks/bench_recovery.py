@@ -26,6 +26,32 @@ def load() -> str:
     return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
+def iterative_work(order: list[int], candidates: list[int], n: int) -> dict:
+    """(block passes, head passes) of the iterative order, rescoring (criteria.ppl_scores on a copy, the full
+    forward included) against reuse (selection.iterative_order), for the removal `order` found: a load-free
+    count to set beside the timings."""
+    old_b = old_h = new_b = new_h = 0
+    removed: list[int] = []
+    last = None
+    new_b += n  # the cache: one decoder pass, no head
+    new_h += 1  # the base perplexity
+    for r in order:
+        alive = [i for i in range(n) if i not in removed]
+        cands = [i for i in candidates if i not in removed]
+        old_b += len(alive)  # capture: a full forward ...
+        old_h += 2  # ... with its logits, and the base perplexity from the cached output
+        for i in cands:
+            later = [j for j in alive if j > i]
+            old_b += len(later)
+            old_h += 1
+            start = last if last is not None and last > i else i
+            new_b += len([j for j in alive if j > start and j != i])
+            new_h += 1
+        removed.append(r)
+        last = r
+    return {"rescoring": {"blocks": old_b, "heads": old_h}, "reuse": {"blocks": new_b, "heads": new_h}}
+
+
 def heal(pruned: Path, out: Path, args) -> dict:
     """Retrain for a wall-clock budget (a callback stops the Trainer), then the held-out perplexity."""
     from transformers import TrainerCallback
@@ -106,6 +132,9 @@ def main() -> None:
         if "iterative" in sel_names:
             sets["iterative"] = sorted(order[:k])
         print(f"ppl criterion/iterative order {secs['iterative']:.1f}s: {sets}; {load()}", flush=True)
+        if "iterative" in sel_names:
+            out["iterative_work"] = iterative_work(order[:k], cands, n)
+            print(f"iterative work (block passes, head passes): {out['iterative_work']}", flush=True)
     if "span" in sel_names:
         t = time.perf_counter()
         sel = score_sets(model, {f"span {s[0]}-{s[-1]}": s for s in spans(cands, k)}, score_cache, progress=False)
