@@ -28,9 +28,26 @@ COMMAND_MODULES = [
 
 def int_list(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:  # `--blocks ''` would otherwise prune nothing and succeed
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got an empty list {text!r}")
+    return values
+
+
+def json_object(text: str) -> dict:
+    """A flag holding a JSON object, e.g. '{"max_abs": 1e-3}'."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"max_abs\": 1e-3}}', got {text!r} "
+                                         f"({e.msg})") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"max_abs\": 1e-3}}', got {text!r}")
+    return value
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:

@@ -1,53 +1,294 @@
-"""Small file helpers: atomic output directories, JSON, fingerprints."""
+"""Small file helpers: atomic outputs (directories and files), JSON, fingerprints, text input.
+
+Output rules (issue 10): an output never equals, contains or lies inside an input (compared on real paths,
+symlinks followed); `--force` replaces only an output this tool wrote, recognised by the marker that
+`atomic_dir` puts inside every directory it completes (`.shortened-output.json`) and the record `atomic_file`
+puts beside every file (`.NAME.shortened.json`, holding the file's sha256); an empty directory holds nothing to
+lose and may be replaced too. Temporary siblings are named `.NAME.tmp-PID`; those of dead processes are removed
+by the next run (and it says so).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
+import sys
+import time
 from pathlib import Path
 
 from .errors import UsageError
 
+MARKER = ".shortened-output.json"  # inside every output directory this tool completed
 
-def check_output_dir(out: str | os.PathLike, force: bool = False, inputs: tuple = ()) -> Path:
-    """Refuse an existing output (without force) and an output inside an input model's directory."""
-    out = Path(out).resolve()
-    for inp in inputs:
-        if inp is None:
+
+def real_path(p: str | os.PathLike) -> Path:
+    """The resolved real path (user expanded, symlinks followed, also for paths that do not exist yet)."""
+    return Path(os.path.realpath(os.path.expanduser(str(p))))
+
+
+def _inputs(inputs) -> list[tuple[str, Path]]:
+    """(label, real path) of the inputs that exist; `inputs` is a dict {label: path} or a tuple of paths."""
+    items = inputs.items() if isinstance(inputs, dict) else (("input", p) for p in inputs)
+    out = []
+    for label, p in items:
+        if p is None or p == "" or str(p).startswith("hf:"):
             continue
-        inp = Path(inp)
-        if not inp.exists():
-            continue
-        inp = inp.resolve()
-        inp_dir = inp if inp.is_dir() else inp.parent
-        if out == inp_dir or inp_dir in out.parents:
-            raise UsageError(
-                f"output {out} is inside the input model's directory {inp_dir}; choose an output elsewhere"
-            )
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists; pass --force to replace it or choose another --out")
+        for one in p if isinstance(p, (list, tuple)) else (p,):
+            if one and Path(str(one)).exists():
+                out.append((label, real_path(one)))
     return out
 
 
+def check_no_overlap(out: Path, inputs) -> None:
+    """Refuse an output that equals, contains or lies inside an input (all real paths)."""
+    for label, inp in _inputs(inputs):
+        if out == inp:
+            raise UsageError(f"output {out} is the input {label} {inp}; choose an output elsewhere")
+        if out in inp.parents:
+            raise UsageError(
+                f"output {out} contains the input {label} {inp}; writing it would replace the input: "
+                "choose an output elsewhere"
+            )
+        if inp.is_dir() and inp in out.parents:
+            raise UsageError(f"output {out} is inside the input {label} {inp}; choose an output elsewhere")
+
+
+def check_writable(out: Path) -> None:
+    """The nearest existing ancestor of `out` must be a writable directory (checked before any work)."""
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UsageError(f"cannot create output {out}: {anc} is not a directory; choose another output")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot create output {out}: {anc} is not writable; choose another output")
+
+
+def file_record(path: Path) -> Path:
+    return path.with_name(f".{path.name}.shortened.json")
+
+
+def is_own_output(path: str | os.PathLike) -> bool:
+    """True for a directory holding this tool's marker or an empty directory, and for a file whose record
+    beside it holds its current sha256."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / MARKER).is_file() or not any(p.iterdir()) or _legacy_output(p)
+    rec = file_record(p)
+    if not p.is_file():
+        return False
+    if not rec.is_file():
+        return _legacy_scores(p)
+    try:
+        return json.loads(rec.read_text()).get("sha256") == sha256_file(p)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# records that outputs of versions before the marker hold, and how each names this tool
+LEGACY_RECORDS = {
+    "pruning.json": lambda r: str(r.get("tool", "")).startswith("shortened"),
+    "manifest.json": lambda r: isinstance(r.get("tool"), dict) and "shortened" in r["tool"],
+    "export.json": lambda r: r.get("exporter") in ("torch", "optimum") and isinstance(r.get("versions"), dict),
+}
+
+
+def _legacy_output(p: Path) -> bool:
+    """An output directory written before the marker existed, recognised by the record it holds."""
+    for name, names_us in LEGACY_RECORDS.items():
+        try:
+            rec = json.loads((p / name).read_text())
+            if isinstance(rec, dict) and names_us(rec):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _legacy_scores(p: Path) -> bool:
+    """A scores.json of a version before the file records: BlockScores.to_dict's keys."""
+    if p.suffix != ".json" or p.stat().st_size > 10_000_000:
+        return False
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and {"criterion", "scores", "removal_order", "candidates"} <= set(rec)
+
+
+def check_output(out: str | os.PathLike, force: bool = False, inputs=(), kind: str = "dir") -> Path:
+    """Check an output path before any work: not overlapping an input, writable, and replaced only with
+    force and only when it is an output of this tool. Returns the real path."""
+    out = real_path(out)
+    check_no_overlap(out, inputs)
+    if out.exists():
+        if kind == "file" and out.is_dir():
+            raise UsageError(f"output {out} is a directory; pass a file path")
+        if kind == "dir" and not out.is_dir():
+            raise UsageError(f"output {out} is a file, not an output directory; choose another --out")
+        if not force:
+            raise UsageError(f"output {out} already exists; pass --force to replace it or choose another --out")
+        if not is_own_output(out):
+            what = f"it has no {MARKER}" if kind == "dir" else f"no matching {file_record(out).name} beside it"
+            raise UsageError(
+                f"output {out} is not an output of shortened ({what}); --force replaces only outputs this tool "
+                "wrote: choose another --out or remove it yourself"
+            )
+    check_writable(out)
+    return out
+
+
+def check_output_dir(out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
+    """check_output for a directory (kept for callers of the first version)."""
+    return check_output(out, force, inputs, kind="dir")
+
+
+def check_output_file(out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
+    return check_output(out, force, inputs, kind="file")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID[-N]` / `.NAME.old-PID` siblings of `out` left by processes that no longer run."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)(?:-\d+)?(?:\.\w+)?")
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        m = pattern.fullmatch(p.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        pid = m.group(1)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        print(f"shortened: removed {p}, left by a killed run (process {pid})", file=sys.stderr)
+        removed.append(p)
+    return removed
+
+
+def _new_temp(out: Path, is_dir: bool) -> Path:
+    for n in range(1000):
+        suffix = "" if is_dir else out.suffix  # files keep their suffix (matplotlib picks the format by it)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}" + (f"-{n}" if n else "") + suffix)
+        try:
+            if is_dir:
+                tmp.mkdir()
+            elif not tmp.exists() and not tmp.is_symlink():
+                return tmp
+            else:
+                continue
+            return tmp
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot create a temporary name beside {out}")
+
+
+def _write_failed(e: OSError, out: Path, kept: str = "nothing was kept") -> UsageError:
+    """A write that failed after the checks (disk full, quota, read-only): one line with the path and free space."""
+    try:
+        free = shutil.disk_usage(out.parent if out.parent.exists() else "/").free
+        space = f"{free / 2**20:.1f} MiB free"
+    except OSError:
+        space = "free space unknown"
+    why = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}  # fmt: skip
+    why = why.get(e.errno, e.strerror)
+    return UsageError(f"cannot write {out}: {why} ({space} in {out.parent}); {kept}; free space "
+                      "or choose another output")  # fmt: skip
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False, inputs: tuple = ()):
-    """Yield a temporary directory next to `out`; rename it to `out` only when the block finishes."""
-    out = check_output_dir(out, force, inputs)
+def atomic_dir(out: str | os.PathLike, force: bool = False, inputs=()):
+    """Yield a temporary directory next to `out`; it becomes `out` (with this tool's marker inside) only when
+    the block finishes. On any error or interrupt the temporary directory is removed."""
+    out = check_output(out, force, inputs, kind="dir")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out)
+    tmp = _new_temp(out, is_dir=True)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        write_marker(tmp)
+        replace_path(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in WRITE_ERRNOS:
+            raise _write_failed(e, out) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_path(tmp, out)
+
+
+def write_marker(directory: str | os.PathLike) -> None:
+    from . import __version__
+
+    rec = {"tool": f"shortened {__version__}", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (Path(directory) / MARKER).write_text(json.dumps(rec) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | os.PathLike, force: bool = False, inputs=()):
+    """Yield a temporary path next to `out`; it becomes `out` when the block finishes, with a record beside it
+    (`.NAME.shortened.json`: the sha256) that lets a later --force recognise it as this tool's output."""
+    from . import __version__
+
+    out = check_output(out, force, inputs, kind="file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    tmp = _new_temp(out, is_dir=False)
+    try:
+        yield tmp
+        if not tmp.is_file():  # the writer wrote nothing (e.g. no matplotlib for a plot)
+            return
+        rec = {"tool": f"shortened {__version__}", "sha256": sha256_file(tmp), "file": out.name}
+        os.replace(tmp, out)
+        rec_tmp = file_record(out).with_name(file_record(out).name + f".tmp-{os.getpid()}")
+        rec_tmp.write_text(json.dumps(rec) + "\n")
+        os.replace(rec_tmp, file_record(out))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in WRITE_ERRNOS:
+            raise _write_failed(e, out) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_output_json(path: str | os.PathLike, obj, force: bool = True, inputs=()) -> None:
+    """A JSON output file of a command (a report): replaced only when this tool wrote it (see atomic_file)."""
+    with atomic_file(path, force, inputs) as tmp:
+        write_json(tmp, obj, atomic=False)
+
+
+def remove_output_file(path: str | os.PathLike) -> None:
+    """Remove an output file of this tool and its record (nothing when absent)."""
+    p = Path(path)
+    p.unlink(missing_ok=True)
+    file_record(p).unlink(missing_ok=True)
 
 
 def replace_path(src: Path, dst: Path) -> None:
@@ -68,8 +309,12 @@ def write_json(path: str | os.PathLike, obj, atomic: bool = True) -> None:
         path.write_text(text)
         return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _json_default(o):
@@ -105,7 +350,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """One JSON object per line (blank lines skipped); a bad line is a UsageError naming file and line."""
     path = Path(path)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -118,3 +363,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not rows:
         raise UsageError(f"{path} holds no records")
     return rows
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A text input: refused (one line) when it is not valid UTF-8 or mostly control characters (binary)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not text: not valid UTF-8 (at byte {e.start}); pass a UTF-8 text file") from e
+    sample = text[:100_000]
+    bad = sum(1 for c in sample if not (c.isprintable() or c in "\n\r\t\f\v"))
+    if sample and bad > 0.1 * len(sample):
+        raise UsageError(
+            f"{path} is not text: {bad / len(sample):.0%} of its characters are control characters; pass a text file"
+        )
+    return text

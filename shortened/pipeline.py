@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import GateFailed, UsageError
-from .io import check_output_dir, fingerprint_path, sha256_file, write_json
+from .io import (
+    MARKER,
+    check_no_overlap,
+    check_output_dir,
+    file_record,
+    fingerprint_path,
+    sha256_file,
+    write_json,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 STEPS = ("score", "sweep", "prune", "retrain", "onnx", "tensorrt", "parity", "quality", "speed")
@@ -106,11 +115,37 @@ class ConvertConfig:
             raise UsageError("no model: pass --model DIR (or `model = ...` in the config)")
         if not self.out:
             raise UsageError("no output directory: pass --out DIR")
-        load_config(self.model, self.trust_remote_code)
-        check_output_dir(self.out, self.force, inputs=(self.model,))
+        model_config = load_config(self.model, self.trust_remote_code)
+        check_output_dir(self.out, self.force, inputs=self.inputs())
+        out = Path(self.out).resolve()
+        check_no_overlap(out.with_name(f".{out.name}.partial"), self.inputs())
+        from .converter.loading import check_length
+
+        if self.calib and self.criterion in DATA_DRIVEN and not self.blocks:
+            check_length(model_config, self.seq_len, "--seq-len")
+        if self.eval_text:
+            check_length(model_config, self.eval_seq_len, "--eval-seq-len")
+        if self.speed:
+            check_length(model_config, self.prompt_len + self.new_tokens, "--prompt-len + --new-tokens:")
+        check_length(model_config, 48 + self.parity_new_tokens, "parity's longest prompt (48) + --parity-new-tokens:")
+        from .validators.parity import tolerances_for
+
+        tolerances_for(
+            self.precision if self.precision in ("fp32", "fp16", "bf16") else "fp32", self.parity_tolerances or None
+        )  # unknown tolerance names fail here, not after the export
+        from .converter.retrain import RetrainConfig
+
+        known = {f.name for f in dataclasses.fields(RetrainConfig)} - {"load", "extra_args"}
+        unknown = sorted(set(self.retrain_options) - known)
+        if unknown:
+            raise UsageError(f"unknown retrain_options {', '.join(unknown)}; see `shortened retrain --help`")
+        from .exporters.tensorrt import parse_range
+
+        parse_range(self.trt_batch, "trt-batch")
+        parse_range(self.trt_seq, "trt-seq")
         if self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
-        if self.criterion in DATA_DRIVEN:
+        if self.criterion in DATA_DRIVEN and not self.blocks:  # explicit blocks need no scores
             if not self.calib:
                 raise UsageError(f"criterion {self.criterion} needs calibration text: pass --calib FILE")
             CalibSpec(self.calib, self.num_samples, self.seq_len, self.seed, self.add_bos).validate()
@@ -152,6 +187,16 @@ class ConvertConfig:
         for name in ("max_ppl_ratio", "min_speedup"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must not be negative")
+
+    def inputs(self) -> dict:
+        """Everything convert reads, by label: an output may not equal, contain or lie inside any of them."""
+        return {"model": self.model, "calibration": self.calib, "retraining data": self.retrain_data,
+                "eval text": self.eval_text, "parity prompts": self.parity_prompts,
+                "recovery calibration": self.recover_calib}  # fmt: skip
+
+
+# settings holding lists, and the type of their items
+LIST_SETTINGS = {"protect": int, "blocks": int, "parity_batch_sizes": int, "batch_sizes": int, "rerun": str}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ConvertConfig)}
@@ -197,6 +242,13 @@ def make_config(settings: dict) -> ConvertConfig:
             v = type(default)(v)
         if isinstance(default, str) and not isinstance(v, str):
             raise UsageError(f"setting {k} must be a string, got {v!r}")
+        if k in LIST_SETTINGS:
+            kind = LIST_SETTINGS[k]
+            if not isinstance(v, list) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+                what = "integers" if kind is int else "strings"
+                raise UsageError(f"setting {k} must be a list of {what} (TOML [1, 8], flag 1,8), got {v!r}")
+        if isinstance(default, dict) and not isinstance(v, dict):
+            raise UsageError(f"setting {k} must be a table / JSON object (e.g. {{max_abs = 1e-3}}), got {v!r}")
         setattr(cfg, k, v)
     return cfg
 
@@ -277,6 +329,9 @@ def _relocate_text(work: Path, out: Path) -> None:
             text = p.read_text(errors="ignore")
             if str(work) in text:
                 p.write_text(text.replace(str(work), str(out)))
+                rec = file_record(p)
+                if rec.is_file():  # keep the record of an output file true to its new content
+                    rec.write_text(json.dumps({**json.loads(rec.read_text()), "sha256": sha256_file(p)}) + "\n")
 
 
 def _artifacts(out: Path) -> dict:
@@ -323,13 +378,31 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
     cfg.validate()
     out = Path(cfg.out).resolve()
     work = out.with_name(f".{out.name}.partial")
-    if out.exists():  # --force: finished steps of the previous run are reused
+    if work.exists() and not ((work / MARKER).is_file() or (work / "steps.json").is_file()):
+        raise UsageError(f"{work} exists and is not a partial run of shortened convert; move it away or choose "
+                         "another --out")  # fmt: skip
+    if out.exists():  # --force (checked: an output of this tool): finished steps of the previous run are reused
         if work.exists():
             shutil.rmtree(work)
         os.replace(out, work)
     elif work.exists():
-        say(f"resuming the interrupted run in {work}")
+        say(f"resuming the interrupted run in {work}: finished steps are reused")
     work.mkdir(parents=True, exist_ok=True)
+    write_marker(work)
+    try:
+        return _convert(cfg, out, work, progress, say)
+    except KeyboardInterrupt:
+        say(f"interrupted: the finished steps are kept in {work}; run the same command again to resume them")
+        raise
+    except OSError as e:  # disk full and the like, in a step that writes into the work directory
+        from .io import WRITE_ERRNOS, _write_failed
+
+        if e.errno in WRITE_ERRNOS:
+            raise _write_failed(e, work, kept="the finished steps are kept and reused by the next run") from e
+        raise
+
+
+def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> dict:
     steps = Steps(work, cfg.rerun, say)
     t_start = time.perf_counter()
     model_fp = fingerprint_path(cfg.model) if Path(cfg.model).exists() else {"hub_id": cfg.model}
@@ -379,6 +452,9 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
             load=load_opts,
             progress=progress,
         )
+        from .io import remove_output_file
+
+        remove_output_file(work / "scores.json")  # the previous run's (its paths relocated by _relocate_text)
         save_scores(s, work / "scores.json", plot=False)
         return {"removal_order": s.removal_order, "base_ppl": s.base_ppl, "seconds": s.seconds}
 
@@ -588,7 +664,11 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
         )
 
         def do_speed():
+            from .io import remove_output_file
             from .validators.speed import bench
+
+            for name in ("speed.json", "speed.png"):  # the previous run's (relocated) reports
+                remove_output_file(work / name)
 
             orig = cfg.model
             if Path(orig).suffix == ".gguf":  # benchmark what the user serves: a plain checkpoint of it

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 
 def _list(text: str) -> list:
@@ -27,6 +26,7 @@ def _ratio(text: str):
 
 
 def register(sub, groups) -> None:
+    from .cli import json_object
     from .pipeline import ConvertConfig
 
     p = sub.add_parser(
@@ -49,7 +49,7 @@ def register(sub, groups) -> None:
             kind = _ratio if f.name == "ratio" else type(value)
             p.add_argument(flag, type=kind, help=f"(default {value!r})", **kw)
         elif isinstance(value, dict):
-            p.add_argument(flag, type=json.loads, help="JSON object, e.g. '{\"max_abs\": 1e-3}'", **kw)
+            p.add_argument(flag, type=json_object, help="JSON object, e.g. '{\"max_abs\": 1e-3}'", **kw)
         else:  # lists (None default: protect, blocks)
             p.add_argument(flag, type=_list, help=f"comma-separated (default {value})", **kw)
     p.set_defaults(func=cmd_convert)

@@ -29,6 +29,16 @@ class CalibSpec:
             raise UsageError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
         if not self.source.startswith("hf:") and not Path(self.source).is_file():
             raise UsageError(f"calibration file {self.source} not found; pass a .txt or .jsonl file or hf:DATASET")
+        if self.source.startswith("hf:"):
+            from .loading import hub_reachable
+
+            if not hub_reachable():  # only a cached copy can serve: fail now (one line) when there is none
+                from .loading import load_hf_dataset
+
+                name, _, config = self.source[3:].partition(":")
+                load_hf_dataset(name, config or None, self.split)
+        else:
+            _read_texts(self)  # not text, bad records: refused before any model is loaded
 
 
 @dataclass
@@ -44,15 +54,13 @@ class CalibBatch:
 
 def _read_texts(spec: CalibSpec) -> tuple[list[str], bool, dict]:
     """Return (texts, one_sample_per_text, provenance)."""
-    from ..io import read_jsonl, sha256_file
+    from ..io import read_jsonl, read_text_file, sha256_file
 
     if spec.source.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError as e:
-            raise UsageError("hf: calibration sources need the `datasets` package: pip install datasets") from e
+        from .loading import load_hf_dataset
+
         name, _, config = spec.source[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split=spec.split)
+        ds = load_hf_dataset(name, config or None, spec.split)
         if spec.text_field not in ds.column_names:
             raise UsageError(f"dataset {name} has no field {spec.text_field!r}; fields: {', '.join(ds.column_names)}")
         return ["\n\n".join(t for t in ds[spec.text_field] if t)], False, {"dataset": name, "config": config or None}
@@ -63,9 +71,12 @@ def _read_texts(spec: CalibSpec) -> tuple[list[str], bool, dict]:
         for n, rec in enumerate(read_jsonl(path), 1):
             if spec.text_field not in rec:
                 raise UsageError(f"{path}: record {n} has no field {spec.text_field!r}; set --text-field")
-            texts.append(str(rec[spec.text_field]))
+            if not isinstance(rec[spec.text_field], str):
+                raise UsageError(f"{path}: record {n} field {spec.text_field!r} is not a string "
+                                 f"({type(rec[spec.text_field]).__name__}); every record needs text there")  # fmt: skip
+            texts.append(rec[spec.text_field])
         return texts, True, prov
-    return [path.read_text(encoding="utf-8", errors="replace")], False, prov
+    return [read_text_file(path)], False, prov
 
 
 def load_calibration(spec: CalibSpec, tokenizer) -> CalibBatch:

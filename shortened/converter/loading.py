@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -61,23 +62,194 @@ def _resolve(source: str, opts: LoadOptions) -> tuple[str, dict]:
     looks_local = source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", os.sep, 1)[1:]
     if looks_local or source.count("/") > 1:
         raise UsageError(f"model {source} not found: no such directory, and not a hub id (owner/name)")
+    if not hub_reachable():  # a mistyped path would otherwise meet ~20 retries of the hub client
+        if _hub_cached(source):
+            return source, {"local_files_only": True}
+        raise UsageError(f"no such directory or file: {source} (and the Hugging Face hub is unreachable)")
     return source, {}  # a hub model id: the plain from_pretrained path
+
+
+_HUB_STATE: dict = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (cached per endpoint).
+
+    False in offline mode (HF_HUB_OFFLINE). Used before anything would ask the hub, so that a name that is
+    neither a local path nor reachable fails at once instead of after the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    if (host, port) not in _HUB_STATE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _HUB_STATE[(host, port)] = True
+        except OSError:
+            _HUB_STATE[(host, port)] = False
+    return _HUB_STATE[(host, port)]
+
+
+def load_hf_dataset(name: str, config: str | None = None, split: str = "train"):
+    """datasets.load_dataset; with the hub unreachable, only a cached copy (offline mode, no retries), else one line."""
+    try:
+        import datasets
+        from datasets import config as dconfig
+    except ImportError as e:
+        raise UsageError(f"the dataset {name} needs `datasets` (pip install datasets), or pass a local file") from e
+    online = hub_reachable()
+    before = dconfig.HF_HUB_OFFLINE
+    dconfig.HF_HUB_OFFLINE = before or not online
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # unknown name, split or config; offline without a cached copy
+        if not online:
+            raise UsageError(f"no such file or cached dataset: {name} (and the Hugging Face hub is unreachable); "
+                             "pass a local text file") from e  # fmt: skip
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load dataset {name!r} (split {split}): {msg}") from e
+    finally:
+        dconfig.HF_HUB_OFFLINE = before
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub client rejects is simply not cached
+        return False
+
+
+# config fields that fix tensor shapes or counts (LLaMA-style and GPT-2 names): integers or absent
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size", "max_position_embeddings", "n_layer", "n_embd", "n_inner", "n_head",
+              "n_positions")  # fmt: skip
+
+
+def _check_config_json(path: Path) -> dict:
+    """config.json must be a JSON object whose shape fields are integers (transformers would accept "eight")."""
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path / 'config.json'} is not valid JSON ({e}); restore the model's config.json") from e
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path / 'config.json'} is not a JSON object; restore the model's config.json")
+    for k in SHAPE_KEYS:
+        v = raw.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise UsageError(f"{path / 'config.json'}: {k} must be a non-negative integer, got {v!r}; fix the config")
+    return raw
+
+
+def _check_weight_files(path: Path, allow_pickle: bool) -> None:
+    """Before loading: every shard the index names exists, and every safetensors file is complete."""
+    index = path / "model.safetensors.index.json"
+    files = []
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{index} is not a valid safetensors index ({e}); re-save the checkpoint") from e
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise UsageError(
+                f"{path}: shard {missing[0]} named in {index.name} is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; copy the complete checkpoint"
+            )
+        files = [path / s for s in shards]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem:
+            raise UsageError(f"{f} is not a valid safetensors file ({problem}); re-download or re-save the model")
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """Why a safetensors file is broken (header unreadable, tensors past the end), or None."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"only {size} bytes"
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size or n > 100 << 20:
+            return f"header length {n} does not fit the file's {size} bytes"
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        return "its header has no tensor offsets"
+    if 8 + n + end > size:
+        return f"truncated: {size} bytes, its tensors need {8 + n + end}"
+    return None
+
+
+def _tokenizer_problem(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    known = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+    if not any((p / f).is_file() for f in known):
+        return f"no tokenizer files (none of {', '.join(known[:4])}, with tokenizer_config.json)"
+    return None
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model has positions for (max_position_embeddings; GPT-2: n_positions)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_length(config, length: int, what: str) -> None:
+    """Refuse a sequence longer than the model has positions for (meaningless numbers, or IndexError on GPT-2)."""
+    limit = max_positions(config)
+    if limit is not None and length > limit:
+        raise UsageError(f"{what} {length} is longer than the model's {limit} positions (max_position_embeddings); "
+                         f"use at most {limit}")  # fmt: skip
 
 
 def load_config(source: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path, extra = _resolve(source, LoadOptions())
+    if Path(path).is_dir() and "gguf_file" not in extra:
+        raw = _check_config_json(Path(path))
+        if "auto_map" in raw and not trust_remote_code:
+            raise UsageError(f"{source} is a custom-code model (auto_map in config.json); pass --trust-remote-code "
+                             "if you trust the code in its repository")  # fmt: skip
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read the config of {source}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # OSError, ValueError, and transformers' own validation errors: one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in msg:
+            raise UsageError(f"{source} needs its own code to load: pass --trust-remote-code if you trust it") from e
+        raise UsageError(f"cannot read the config of {source}: {msg}") from e
     family_for(config)  # unsupported architectures fail here, before any weights are read
     return config
 
 
-def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool = True) -> Loaded:
-    """Load a supported causal LM and its tokenizer. Weights come from safetensors unless allow_pickle."""
+def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool | str = True) -> Loaded:
+    """Load a supported causal LM and its tokenizer. Weights come from safetensors unless allow_pickle.
+
+    tokenizer: True (required: missing files are a UsageError), "optional" (None when the files are absent),
+    False (not loaded). Any missing, unexpected or shape-mismatched weight is a UsageError (transformers'
+    loading info), so a config that does not describe the weights never loads as a partly random model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,12 +260,24 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
         raise UsageError(f"--device {opts.device} needs a CUDA GPU, and none is visible; use --device cpu")
     path, extra = _resolve(source, opts)
     load_config(source, opts.trust_remote_code)
+    gguf = "gguf_file" in extra  # a GGUF file carries its tokenizer inside
+    if tokenizer is True and not gguf and (problem := _tokenizer_problem(path)):
+        raise UsageError(f"this command needs a tokenizer, and {source} has {problem}; copy them from the original")
+    local = Path(path).is_dir()
+    if local and "gguf_file" not in extra:
+        _check_weight_files(Path(path), opts.allow_pickle)
     kwargs = dict(dtype=torch_dtype(opts.dtype), trust_remote_code=opts.trust_remote_code, **extra)
     if "gguf_file" not in extra and not opts.allow_pickle:
         kwargs["use_safetensors"] = True
+    if "gguf_file" not in extra:  # report shape mismatches by name below, instead of transformers' RuntimeError
+        kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     if opts.device == "auto":
         kwargs["device_map"] = "auto"  # accelerate shards the blocks across the visible GPUs
     log.info("loading %s (%s, %s)", source, opts.dtype, opts.device)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per tensor group: noise in front of a one-line error
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -103,17 +287,53 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
                 f"{source} has no safetensors weights; convert it, or pass --allow-pickle if you trust the files"
             ) from e
         raise UsageError(f"cannot load {source}: {msg}") from e
+    except Exception as e:  # corrupt weights and the like: safetensors' and torch's errors, in one line
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise UsageError(f"cannot load the weights of {source} ({type(e).__name__}: {msg}); check the files") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if isinstance(model, tuple):
+        model, info = model
+        _check_loading_info(source, info)
     if "gguf_file" in extra:
         _forget_gguf_quantization(model)
     if opts.device not in ("cpu", "auto"):
         model.to(opts.device)
     model.eval()
     tok = None
-    if tokenizer:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=opts.trust_remote_code, **extra)
-        if tok.pad_token is None:
+    if tokenizer is True or (tokenizer == "optional" and (gguf or not _tokenizer_problem(path))):
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=opts.trust_remote_code, **extra)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if tokenizer is True:
+                raise UsageError(f"cannot load the tokenizer of {source} ({msg}); copy its tokenizer files") from e
+            log.warning("no usable tokenizer in %s (%s); continuing without one", source, msg)
+        if tok is not None and tok.pad_token is None:
             tok.pad_token = tok.eos_token
     return Loaded(model=model, tokenizer=tok, source=source, options=opts)
+
+
+def _check_loading_info(source: str, info: dict) -> None:
+    def names(keys, n=3):
+        keys = sorted(keys)
+        return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        k, ckpt, model = mismatched[0]
+        raise UsageError(f"the weights of {source} do not fit its config: shape mismatch for "
+                         f"{names([m[0] for m in mismatched])} (checkpoint {list(ckpt)}, config {list(model)}); "
+                         "fix config.json or use the matching weights")  # fmt: skip
+    if info.get("missing_keys"):
+        raise UsageError(f"the weights of {source} do not fit its config: missing tensors "
+                         f"{names(info['missing_keys'])}; fix config.json or use the complete checkpoint")  # fmt: skip
+    if info.get("unexpected_keys"):
+        raise UsageError(f"the weights of {source} do not fit its config: unexpected tensors "
+                         f"{names(info['unexpected_keys'])}; fix config.json or use the matching weights")  # fmt: skip
+    if info.get("error_msgs"):
+        raise UsageError(f"cannot load the weights of {source}: {str(info['error_msgs'][0]).splitlines()[0]}")
 
 
 def _forget_gguf_quantization(model) -> None:

@@ -94,6 +94,8 @@ class RetrainConfig:
         for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps", "lora_rank"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UsageError(f"--max-steps must be at least 1 (or -1: train --epochs), got {self.max_steps}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise UsageError("say how long to train: --max-steps N or --epochs E (> 0)")
         if self.temperature <= 0:
@@ -285,8 +287,15 @@ def retrain(
         if v is not None:
             setattr(cfg, k, v)
     cfg.validate()
-    out = check_output_dir(out, force, inputs=(model,))
+    inputs = {"model": model, "teacher": cfg.teacher, "data": cfg.data, "validation data": cfg.val_data}
+    out = check_output_dir(out, force, inputs)
     work = checkpoints_dir(out)
+    from ..io import check_no_overlap
+
+    check_no_overlap(work, inputs)
+    from .loading import check_length, load_config
+
+    check_length(load_config(model, cfg.load.trust_remote_code), cfg.seq_len, "--seq-len")
     have_ckpt = work.is_dir() and any(work.glob("checkpoint-*"))
     if have_ckpt and not cfg.resume:
         if not force:
@@ -303,6 +312,7 @@ def retrain(
             raise UsageError(f"--partial-mse must not be negative, got {cfg.partial_mse}")
     needs_teacher = cfg.method == "distill" or (cfg.method == "partial" and cfg.partial_mse > 0)
     teacher_src = _find_teacher(model, cfg) if needs_teacher else None
+    check_no_overlap(out, {"teacher": teacher_src})
     if cfg.resume and have_ckpt:
         saved = work / "retrain_config.json"
         if saved.is_file():
@@ -311,6 +321,10 @@ def retrain(
             diff = [k for k in now if k not in ("resume", "keep_checkpoints") and before.get(k) != now[k]]
             if diff:
                 raise UsageError(f"--resume with different options than the interrupted run ({', '.join(diff)})")
+    from .retrain_data import check_local_data
+
+    check_local_data(cfg.data, cfg.data_format, cfg.text_field)
+    check_local_data(cfg.val_data, cfg.data_format, cfg.text_field)
 
     loaded = load_model(model, cfg.load)
     tok, net = loaded.tokenizer, loaded.model
@@ -475,7 +489,7 @@ def retrain(
         "seconds": round(seconds, 2),
         "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
     }
-    with atomic_dir(out, force, inputs=(model,)) as tmp:
+    with atomic_dir(out, force, inputs) as tmp:
         save_checkpoint(final, tok, tmp)
         for extra in ("pruning.json", "scores.json", "scores.png"):  # keep how the pruned model was made
             if (Path(model) / extra).is_file():

@@ -135,9 +135,13 @@ def cmd_retrain(args) -> int:
 def cmd_eval(args) -> int:
     from ..cli import load_options
     from ..errors import UsageError
-    from ..io import write_json
+    from ..io import check_output_file, write_output_json
     from ..validators.quality import evaluate
 
+    ppl_files = [s for s in (args.ppl or "").split(",") if s]
+    inputs = {"model": args.model, "text": ppl_files}  # (a report beside lm-eval task YAMLs is harmless)
+    if args.json:
+        check_output_file(args.json, force=True, inputs=inputs)  # before any work; rewrites only our own report
     limit = args.limit
     if limit is not None and limit >= 1:
         if limit != int(limit):
@@ -164,5 +168,5 @@ def cmd_eval(args) -> int:
             print(f"{task} {r['metric']}: {r['value']:.4f}")
         print(f"average: {zs['average']:.4f}")
     if args.json:
-        write_json(args.json, res)
+        write_output_json(args.json, res, inputs=inputs)
     return 0

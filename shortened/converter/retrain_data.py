@@ -29,28 +29,44 @@ ALPACA_PROMPT_NO_INPUT = (
 
 def read_records(source: str, split: str = "train", text_field: str = "text") -> tuple[list, dict]:
     """(records, provenance): records are strings (plain text) or dicts (JSONL rows / dataset rows)."""
-    from ..io import read_jsonl, sha256_file
+    from ..io import read_jsonl, read_text_file, sha256_file
 
     path = Path(source)
     if path.is_file():
         prov = {"file": str(path), "sha256": sha256_file(path)}
         if path.suffix != ".jsonl":
-            return [path.read_text(encoding="utf-8", errors="replace")], prov
+            return [read_text_file(path)], prov
         rows = read_jsonl(path)
         return rows, prov
     looks_local = source.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json")
     if looks_local and not source.startswith("hf:"):
         raise UsageError(f"data file {source} not found; pass a .txt or .jsonl file or a dataset name (hf:NAME)")
-    try:
-        import datasets
-    except ImportError as e:
-        raise UsageError(f"the dataset {source} needs `datasets` (pip install datasets), or pass a local file") from e
+    from .loading import load_hf_dataset
+
     name, _, config = source.removeprefix("hf:").partition(":")
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split)
-    except Exception as e:  # offline, unknown name, unknown split: one line for the user
-        raise UsageError(f"cannot load dataset {name!r} (split {split}): {str(e).splitlines()[0]}") from e
+    ds = load_hf_dataset(name, config or None, split)  # offline: a cached copy or one line
     return [dict(r) for r in ds], {"dataset": name, "config": config or None, "split": split}
+
+
+def check_local_data(source: str | None, data_format: str = "auto", text_field: str = "text") -> None:
+    """Read a local data file once before any model loads: not text, bad JSON or non-string text fields fail
+    here (one line) instead of after the model and tokenizer are loaded."""
+    if not source or not Path(source).is_file():
+        return
+    records, _ = read_records(source, text_field=text_field)
+    fmt = detect_format(records, text_field) if data_format == "auto" else data_format
+    if fmt == "text" and not isinstance(records[0], str):
+        _check_text_fields(source, records, text_field)
+
+
+def _check_text_fields(source, records, text_field) -> None:
+    if text_field not in records[0]:
+        raise UsageError(f"{source} has no field {text_field!r}; set --text-field")
+    bad = next((i for i, r in enumerate(records, 1) if not isinstance(r.get(text_field), str)), None)
+    if bad is not None:
+        kind = type(records[bad - 1].get(text_field)).__name__
+        raise UsageError(f"{source}: record {bad} field {text_field!r} is not a string ({kind}); "
+                         "every record needs text")  # fmt: skip
 
 
 def detect_format(records: list, text_field: str = "text") -> str:
@@ -128,9 +144,8 @@ def build_examples(
         if isinstance(records[0], str):
             texts = records
         else:
-            if text_field not in records[0]:
-                raise UsageError(f"{source} has no field {text_field!r}; set --text-field")
-            texts = [str(r.get(text_field) or "") for r in records]
+            _check_text_fields(source, records, text_field)
+            texts = [r[text_field] for r in records]
         examples = pack_text(texts, tokenizer, seq_len, add_bos)
     if max_examples is not None:
         examples = examples[:max_examples]

@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 
 from ..errors import UsageError
-from ..io import atomic_dir, check_output_dir, fingerprint_path, write_json
+from ..io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import save_checkpoint
 from .criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
 from .families import num_blocks
-from .loading import Loaded, LoadOptions, load_config, load_model
+from .loading import Loaded, LoadOptions, check_length, load_config, load_model
 from .pruning import check_scores_match, choose_blocks, load_scores, remove_blocks, write_pruning_record
 from .recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, fold
 from .selection import check_plan, plan_removal
@@ -52,24 +52,30 @@ def score(
 ) -> BlockScores:
     """Score every block of a model; optionally write scores.json (and scores.png beside it). With a selection
     other than topk (or a recovery), the candidate sets of `num_remove` blocks and their scores go in `selection`."""
+    src = model.source if isinstance(model, Loaded) else model
     if out is not None:
-        check_output_dir(out, force=force)
+        inputs = {"model": src, "calibration": calib.source if calib is not None else None}
+        check_output_file(out, force, inputs)
+        check_output_file(Path(out).with_suffix(".png"), force, inputs) if plot else None
     if calib is not None:
         calib.validate()
+    check_micro_batch(micro_batch)
+    if isinstance(model, Loaded):
+        loaded = model
+        config = model.model.config
+    else:
+        config = load_config(model, (load or LoadOptions()).trust_remote_code)
+    if calib is not None:
+        check_length(config, calib.seq_len, "--seq-len")
     planned = select != "topk" or recover != "none"
     if planned:
-        trust = (load or LoadOptions()).trust_remote_code
-        config = model.model.config if isinstance(model, Loaded) else load_config(model, trust)
         select, recover, fit_spec = check_plan(select, recover, calib, recover_calib, recover_samples,
                                                recover_order, config)  # fmt: skip
         planned = select != "topk" or recover != "none"
         if planned and not num_remove and not (ratio and 0 < ratio < 1):
             raise UsageError(f"--select {select} scores sets of blocks: say how many with --remove N or --ratio R")
-    if isinstance(model, Loaded):
-        loaded = model
-    else:
-        load_config(model, (load or LoadOptions()).trust_remote_code)
-        loaded = load_model(model, load)
+    if not isinstance(model, Loaded):
+        loaded = load_model(model, load, tokenizer=True if calib is not None else "optional")
     n = num_blocks(loaded.model.config)
     if iterative and num_remove is None and ratio is not None:
         if not 0 < ratio < 1:
@@ -87,20 +93,25 @@ def score(
                            recover_order, progress)  # fmt: skip
         result.selection = sel.to_dict()
     if out is not None:
-        save_scores(result, out, plot)
+        save_scores(result, out, plot, force=force)
     return result
 
 
-def save_scores(result: BlockScores, out: str | Path, plot: bool = True) -> None:
+def check_micro_batch(micro_batch: int) -> None:
+    if not isinstance(micro_batch, int) or micro_batch < 1:
+        raise UsageError(f"--micro-batch must be at least 1, got {micro_batch}")
+
+
+def save_scores(result: BlockScores, out: str | Path, plot: bool = True, force: bool = True) -> None:
+    """scores.json (and scores.png), each written whole and recorded as this tool's output."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result.to_dict())
+    with atomic_file(out, force) as tmp:
+        write_json(tmp, result.to_dict(), atomic=False)
     if plot:
         from ..plots import plot_block_scores
 
-        plot_block_scores(
-            result, out.with_suffix(".png"), removed=None if not result.iterative else result.removal_order
-        )
+        with atomic_file(out.with_suffix(".png"), force) as tmp:
+            plot_block_scores(result, tmp, removed=None if not result.iterative else result.removal_order)
 
 
 def prune(
@@ -135,8 +146,13 @@ def prune(
     in only where it lowers the calibration perplexity (`recover_always`: regardless)."""
     opts = load or LoadOptions()
     src = model
-    check_output_dir(out, force, inputs=(src,))
+    inputs = {"model": src, "calibration": calib.source if calib is not None else None,
+              "scores": scores if isinstance(scores, (str, Path)) else None}  # fmt: skip
+    check_output_dir(out, force, inputs)
     config = load_config(src, opts.trust_remote_code)
+    check_micro_batch(micro_batch)
+    if calib is not None:
+        check_length(config, calib.seq_len, "--seq-len")
     n = num_blocks(config)
     protected = protected_blocks(n, protect, no_protect)
     if sum(x is not None for x in (remove, ratio, blocks)) != 1:
@@ -166,8 +182,9 @@ def prune(
     select, recover, fit_spec = check_plan(
         select, recover, calib, recover_calib, recover_samples, recover_order, config
     )
-    loaded = load_model(src, opts)
     planned = recover != "none" or (select != "topk" and blocks is None)
+    needs_tokenizer = (blocks is None and scores is None and calib is not None) or planned
+    loaded = load_model(src, opts, tokenizer=True if needs_tokenizer else "optional")
     if blocks is None and scores is None:
         num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
         it = iterative or (planned and select in ("iterative", "best") and criterion == "ppl")  # step 1 = ppl's
@@ -185,7 +202,7 @@ def prune(
             scores.selection = selection.to_dict()
     log.info("removing blocks %s of %d", removed, n)
     remove_blocks(loaded.model, removed)
-    with atomic_dir(out, force, inputs=(src,)) as tmp:
+    with atomic_dir(out, force, inputs) as tmp:
         save_checkpoint(loaded.model, loaded.tokenizer, tmp)
         write_pruning_record(tmp, src, n, removed, scores, selection)
         if scores is not None:

@@ -82,8 +82,12 @@ def sweep(
     from ..io import atomic_dir, check_output_dir
     from .loading import Loaded, load_config, load_model
 
+    src = model.source if isinstance(model, Loaded) else str(model)
+    rc = recover_calib.source if isinstance(recover_calib, CalibSpec) else recover_calib
+    inputs = {"model": src, "eval text": eval_text, "calibration": calib.source if calib else None,
+              "recovery calibration": rc}  # fmt: skip
     if out is not None:
-        check_output_dir(out, force)
+        check_output_dir(out, force, inputs)
     if calib is None:
         raise UsageError("the sweep chooses sets on calibration text: pass --calib FILE")
     calib.validate()
@@ -154,7 +158,7 @@ def sweep(
         res["max_ppl_ratio"] = max_ppl_ratio
         res["picked_k"] = pick_k(rows, base_ppl, max_ppl_ratio)
     if out is not None:
-        with atomic_dir(out, force) as tmp:
+        with atomic_dir(out, force, inputs) as tmp:
             write_sweep(res, tmp)
     return res
 

@@ -241,11 +241,12 @@ def width_prune(
     from .loading import Loaded, load_config, load_model
 
     src = model.source if isinstance(model, Loaded) else str(model)
-    check_output_dir(out, force, inputs=(src,))
+    inputs = {"model": src, "parameter-count model": target_params if isinstance(target_params, (str, Path)) else None}
+    check_output_dir(out, force, inputs)
     target = target_params_of(target_params)
     config = model.model.config if isinstance(model, Loaded) else load_config(src)
     plan = plan_width(config, target, kv_groups, multiple_of)
-    loaded = model if isinstance(model, Loaded) else load_model(src, load)
+    loaded = model if isinstance(model, Loaded) else load_model(src, load, tokenizer="optional")
     original = count_params(loaded.model)
     width_prune_model(loaded.model, plan["kv_groups"], plan["intermediate_size"])
     params = count_params(loaded.model)
@@ -262,7 +263,7 @@ def width_prune(
         "original_intermediate_size": d["inter"],
     }
     log.info("width pruning %s: %s", src, rec)
-    with atomic_dir(out, force, inputs=(src,)) as tmp:
+    with atomic_dir(out, force, inputs) as tmp:
         save_checkpoint(loaded.model, loaded.tokenizer, tmp)
         write_json(tmp / "width_pruning.json", rec)
     return {"out": str(out), **rec}

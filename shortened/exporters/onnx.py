@@ -446,8 +446,9 @@ def _check_args(precision, opset, exporter, optimize, external_data_threshold) -
     if optimize and precision == "bf16":
         raise UsageError("--optimize cannot be verified for bf16 (onnxruntime's CPU provider has no bf16 kernels); "
                          "drop --optimize or export fp16")  # fmt: skip
-    if external_data_threshold is not None and external_data_threshold < 0:
-        raise UsageError(f"external data threshold must be >= 0 bytes, got {external_data_threshold}")
+    if external_data_threshold is not None and external_data_threshold < MIN_EXTERNAL_BYTES:
+        raise UsageError(f"--external-data-threshold must be at least {MIN_EXTERNAL_BYTES} bytes (smaller tensors "
+                         f"always stay in model.onnx), or -1 for one file; got {external_data_threshold}")  # fmt: skip
 
 
 def export_onnx(
@@ -492,7 +493,7 @@ def export_onnx(
     else:
         stage("load")
         opts = LoadOptions(**{**vars(load or LoadOptions()), "dtype": PRECISIONS[precision], "device": "cpu"})
-        loaded = load_model(str(model), opts)
+        loaded = load_model(str(model), opts, tokenizer="optional")
     torch_model = loaded.model
     if str(torch_model.device) != "cpu":
         raise UsageError(f"export needs the model on the CPU, it is on {torch_model.device}; load it with device=cpu")

@@ -610,6 +610,10 @@ def export_tensorrt(onnx_dir, out, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precisi
     Pre-flight problems and a missing TensorRT or GPU raise UsageError (exit 2) before anything is written.
     """
     onnx_path, meta = resolve_onnx(onnx_dir)
+    if out and not check_only:  # before the pre-flight: an output over its own input is refused first
+        from ..io import check_output_dir
+
+        check_output_dir(out, force, inputs={"ONNX export": onnx_path.parent})
     if not workspace_gb or workspace_gb <= 0:
         raise UsageError(f"--workspace-gb must be positive, got {workspace_gb}")
     report = preflight(
@@ -635,7 +639,7 @@ def export_tensorrt(onnx_dir, out, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precisi
     reason = tensorrt_unavailable_reason()
     if reason:
         raise UsageError(reason)
-    with atomic_dir(out, force, inputs=(onnx_path.parent,)) as tmp:
+    with atomic_dir(out, force, inputs={"ONNX export": onnx_path.parent}) as tmp:
         built = build_engine(onnx_path, tmp / "model.engine", profile, timing_cache, workspace_gb, tf32, verbose)
         (tmp / "trtexec.sh").write_text("#!/bin/sh\n# builds the same engine as `shortened export tensorrt`\n"
                                         + " \\\n  ".join(shlex.quote(a) for a in argv) + "\n")  # fmt: skip

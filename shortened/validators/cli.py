@@ -65,8 +65,13 @@ def _engine(args):
 def cmd_parity(args) -> int:
     from ..cli import load_options
     from ..errors import GateFailed
-    from ..io import write_json
+    from ..io import check_output_file, write_output_json
     from .parity import validate_parity
+
+    inputs = {"reference model": args.reference, "ONNX export": args.onnx, "prompts": args.prompts,
+              "engine": args.engine}  # fmt: skip
+    if args.report:
+        check_output_file(args.report, force=True, inputs=inputs)  # before any work; rewrites only our own report
 
     overrides = {
         name: (None if v == "none" else v)
@@ -90,10 +95,7 @@ def cmd_parity(args) -> int:
     )
     print(report.table())
     if args.report:
-        from pathlib import Path
-
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.report, report.to_dict())
+        write_output_json(args.report, report.to_dict(), inputs=inputs)
     if not report.passed:
         raise GateFailed(f"parity: {len(report.failures)} tolerance failures; first: {report.failures[0]}")
     return 0

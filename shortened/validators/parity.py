@@ -265,8 +265,9 @@ def read_prompt_ids(tokenizer, prompts_file, min_tokens: int, max_chars: int = 2
         if prompts_file is None:
             return None, "the reference has no tokenizer: random token ids only"
         raise UsageError(f"the reference model has no tokenizer, so the prompts in {path} cannot be tokenized")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read(max_chars)
+    from ..io import read_text_file
+
+    text = read_text_file(path)[:max_chars]
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
     if len(ids) < min_tokens:
         raise UsageError(f"{path} holds {len(ids)} tokens, fewer than the longest case ({min_tokens}); pass more text")
@@ -393,8 +394,12 @@ def validate_parity(
         loaded, ref_name = reference, str(reference.source)
     else:
         ref_name = str(reference)
-        load_config(ref_name)  # a missing model or an unsupported architecture fails before any weights load
+        ref_config = load_config(ref_name)  # a missing model or an unsupported architecture fails before any weights
         loaded = None
+    from ..converter.loading import check_length
+
+    check_length(reference.model.config if loaded is not None else ref_config, max(seq_lens) + new_tokens,
+                 "the longest prompt plus new tokens (--seq-lens + --new-tokens):")  # fmt: skip
     if engine is not None:  # a TensorRT engine built from this export, compared by the same metrics
         from .runners.tensorrt import TrtRunner
 
@@ -404,7 +409,7 @@ def validate_parity(
         runner = load_ort_runner(onnx_path, provider, threads)
     onnx_cfg_path = onnx_path.parent / "config.json"
     if loaded is None:
-        loaded = load_model(ref_name, load)
+        loaded = load_model(ref_name, load, tokenizer="optional")  # prompts without one: random ids
     ref_blocks = num_blocks(loaded.model.config)
     onnx_blocks = runner.num_layers if runner.has_cache else None
     if onnx_blocks is None and onnx_cfg_path.is_file():

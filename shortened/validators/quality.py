@@ -33,24 +33,36 @@ class Perplexity:
 
 def read_text(source: str) -> str:
     """A local text file, or a named source (wikitext2, ptb) through Hugging Face datasets."""
+    from ..io import read_text_file
+
     p = Path(source)
     if p.is_file():
-        return p.read_text(encoding="utf-8", errors="replace")
+        return read_text_file(p)
     if source in NAMED_SOURCES:
-        try:
-            import datasets
-        except ImportError as e:
-            raise UsageError(
-                f"the named source {source} needs `datasets` (pip install datasets), or pass a file"
-            ) from e
+        check_named_source(source)
+        from ..converter.loading import load_hf_dataset
+
         name, config, split, field = NAMED_SOURCES[source]
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # offline or hub trouble: one line, and the way around it
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UsageError(f"cannot load {source} ({name}) from the Hugging Face hub: {msg}; pass a text file") from e
+        ds = load_hf_dataset(name, config, split)  # one line on any trouble (offline: a cached copy only)
         return "\n\n".join(ds[field]) if source == "wikitext2" else " ".join(ds[field])
     raise UsageError(f"text source {source} not found: pass a text file or one of {', '.join(NAMED_SOURCES)}")
+
+
+def check_named_source(source: str) -> None:
+    """A named source comes from the hub: refuse at once (not after the hub client's retries) when unreachable."""
+    from ..converter.loading import hub_reachable
+
+    if source in NAMED_SOURCES and not hub_reachable():
+        from ..converter.loading import load_hf_dataset
+
+        name, config, split, _ = NAMED_SOURCES[source]
+        try:
+            load_hf_dataset(name, config, split)  # a cached copy serves offline
+        except UsageError:
+            raise UsageError(
+                f"cannot load {source} ({name}): not cached, and the Hugging Face hub is unreachable; "
+                "pass a local copy of the text as a file (e.g. --ppl wikitext-2/test.raw.txt)"
+            ) from None
 
 
 def token_windows(ids: list[int], seq_len: int, bos_id: int | None = None, max_windows: int | None = None):
@@ -77,6 +89,9 @@ def perplexity(
     progress: bool = True,
 ) -> Perplexity:
     """exp(mean next-token NLL over all windows); every window is scored on its own (no context carry-over)."""
+    from ..converter.loading import check_length
+
+    check_length(model.config, seq_len, "perplexity window length")
     text = read_text(source)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id if add_bos else None
@@ -126,6 +141,15 @@ def evaluate(
     for s in ppl:
         if s not in NAMED_SOURCES and not Path(s).is_file():
             raise UsageError(f"text source {s} not found: pass a text file or one of {', '.join(NAMED_SOURCES)}")
+        check_named_source(s)
+        if Path(s).is_file():
+            from ..io import read_text_file
+
+            read_text_file(s)  # binary or not UTF-8: refused before the model loads
+    from ..converter.loading import check_length, load_config
+
+    config = model.model.config if isinstance(model, Loaded) else load_config(str(model))
+    check_length(config, seq_len, "--seq-len")
     loaded = model if isinstance(model, Loaded) else load_model(str(model), load)
     if add_bos is None:
         add_bos = family_for(loaded.model.config).needs_bos

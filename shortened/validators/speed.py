@@ -692,6 +692,25 @@ def bench(
                 raise UsageError(f"the ONNX export {d} has {have} blocks but the {name} checkpoint has {want}; "
                                  "pass the export of that checkpoint")  # fmt: skip
     configs = {k: _config(v) for k, v in paths.items()}  # bad paths fail here, before any work
+    from ..converter.loading import check_length
+
+    for name, cfg in configs.items():
+        check_length(cfg, prompt_len + new_tokens, f"--prompt-len + --new-tokens for the {name} model:")
+    from ..io import check_output_file
+
+    inputs = {
+        "original": original,
+        "candidate": candidate,
+        "width baseline": width_baseline if isinstance(width_baseline, (str, Path)) else None,
+        "ONNX export": list(filter(None, onnx.values())),
+    }
+    for p in (report, plot):
+        if p is not None:
+            check_output_file(p, force=True, inputs=inputs)  # before any work; rewrites only our own reports
+    if work_dir is not None:
+        from ..io import check_no_overlap, real_path
+
+        check_no_overlap(real_path(work_dir), inputs)  # exports and the width baseline are written there
     if isinstance(width_baseline, (str, Path)):
         paths["width"] = str(width_baseline)
         configs["width"] = _config(paths["width"])
@@ -742,9 +761,12 @@ def bench(
                     cpu_count=os.cpu_count())  # fmt: skip
     rep = SpeedReport(backend, settings, raw["models"], build_rows(raw["runs"]), raw["skipped"])
     if report is not None:
-        from ..io import write_json
+        from ..io import write_output_json
 
-        write_json(report, rep.to_dict())
+        write_output_json(report, rep.to_dict(), inputs=inputs)
     if plot is not None:
-        rep.plot(plot)
+        from ..io import atomic_file
+
+        with atomic_file(plot, True, inputs) as tmp:
+            rep.plot(tmp)
     return rep

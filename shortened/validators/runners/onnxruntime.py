@@ -75,10 +75,38 @@ def choose_providers(provider: str | None = None) -> list[str]:
     return list(dict.fromkeys([*first, "CPUExecutionProvider"]))
 
 
+def check_external_data(model_path: str | Path) -> None:
+    """Every tensor the graph keeps in external files (model.onnx.data) must lie within those files; a truncated
+    or missing data file is one line here instead of onnxruntime's C++ log."""
+    import onnx
+
+    model_path = Path(model_path)
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:
+        raise UsageError(f"cannot read {model_path} as ONNX ({type(e).__name__}); re-export the model") from e
+    need: dict = {}
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        need[info.get("location", "")] = max(need.get(info.get("location", ""), 0), end)
+    for name, end in need.items():
+        f = model_path.parent / name
+        if not f.is_file():
+            raise UsageError(f"{f} is missing: {model_path.name} keeps its weights there; copy the whole export")
+        if f.stat().st_size < end:
+            raise UsageError(f"{f} is truncated: {f.stat().st_size} bytes, the graph needs {end}; copy or re-export "
+                             "the whole export")  # fmt: skip
+
+
 def make_session(model_path: str | Path, provider: str | None = None, threads: int | None = None):
     """An InferenceSession with thread spinning off (steady latency, no busy cores between steps)."""
     ort = import_ort()
+    check_external_data(model_path)
     so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: a failure is reported as one line below, not as the C++ log
     if threads:
         so.intra_op_num_threads = int(threads)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
