@@ -70,3 +70,10 @@ bench: setup fetch
 
 clean:
 	rm -rf $(VENV) $(VENV_OPT) .pytest_cache .ruff_cache out
+
+# On a CUDA machine, with the python found there (torch with CUDA, transformers 5.x): no virtual environment of
+# ours, no download; what is absent (SmolLM2, onnxruntime-gpu, TensorRT, matplotlib) is skipped and said.
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/gpu_check.py --out out/gpu-check \
+		--model $(MODEL_DIR)

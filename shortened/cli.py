@@ -56,12 +56,16 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (shard across GPUs)")
     g.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     g.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights; off: safetensors only")
+    g.add_argument("--max-memory", help="with --device auto: memory per device, e.g. cpu=8GiB,0=70GiB (rest on disk)")
+    g.add_argument("--offload-folder", help="with --max-memory: where offloaded weights go (default: a temp dir)")
 
 
 def load_options(args):
-    from .converter.loading import LoadOptions
+    from .converter.loading import LoadOptions, parse_max_memory
 
-    return LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
+    mm = parse_max_memory(args.max_memory) if getattr(args, "max_memory", None) else None
+    return LoadOptions(args.dtype, args.device, args.trust_remote_code, args.allow_pickle, max_memory=mm,
+                       offload_folder=getattr(args, "offload_folder", None))  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):

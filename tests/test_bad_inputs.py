@@ -632,6 +632,8 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(tiny_models, tmp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(steps, "save_checkpoint", full)
+    # prune by tensor surgery (safetensors in, blocks known) writes through surgery.cut_checkpoint instead
+    monkeypatch.setattr(steps.surgery, "cut_checkpoint", lambda src, out_dir, *a, **k: full(None, None, out_dir))
     code = main(["prune", str(tiny_models["llama"]), "--out", str(tmp_path / "o"), *BLOCK])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

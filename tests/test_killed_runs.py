@@ -41,9 +41,13 @@ if point == "while-loading":
     import transformers
     orig = transformers.AutoModelForCausalLM.from_pretrained
     transformers.AutoModelForCausalLM.from_pretrained = staticmethod(lambda *a, **k: (pause(), orig(*a, **k))[1])
+    import shortened.converter.surgery as s  # prune by tensor surgery loads no model: it reads the headers first
+    orig_applies = s.applies
+    s.applies = lambda *a, **k: (pause(), orig_applies(*a, **k))[1]
 elif point == "after-weights":
     import shortened.converter.steps as m
     after(m, "save_checkpoint")
+    after(m.surgery, "cut_checkpoint")  # (the weights of prune by tensor surgery)
 elif point == "after-graph":
     import shortened.exporters.onnx as m
     after(m, "_save")

@@ -251,10 +251,13 @@ def _score_current(model, criterion, batch, candidates, micro_batch, progress):
     if criterion == "ppl":
         d, base = ppl_scores(model, batch, candidates, micro_batch, progress)
         return [d.get(i) for i in range(n)], base
+    from . import offload  # weights offloaded by accelerate (--max-memory): gradients need them loaded for real
+
     if criterion == "taylor":
-        return taylor_scores(model, batch, max(1, micro_batch // 5), progress), base
+        taylor = offload.taylor_scores_offloaded if offload.is_offloaded(model) else taylor_scores
+        return taylor(model, batch, max(1, micro_batch // 5), progress), base
     if criterion == "magnitude":
-        return magnitude_scores(model), base
+        return (offload.magnitude_scores_offloaded if offload.is_offloaded(model) else magnitude_scores)(model), base
     if criterion == "bi":
         return bi_scores(model, batch, micro_batch, progress), base
     raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")

@@ -28,6 +28,10 @@ class LoadOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin (pickle) weights; off by default, safetensors only
     gguf_file: str | None = None  # set when the source is a GGUF file
+    # device "auto" only: accelerate's budget per device ({"cpu": "2GiB", 0: "20GiB"}); what does not fit goes to
+    # offload_folder on disk (default: a temporary directory, removed at exit)
+    max_memory: dict | None = None
+    offload_folder: str | None = None
 
 
 @dataclass
@@ -251,12 +255,14 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
     False (not loaded). Any missing, unexpected or shape-mismatched weight is a UsageError (transformers'
     loading info), so a config that does not describe the weights never loads as a partly random model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     opts = options or LoadOptions()
     if opts.device not in DEVICES and not opts.device.startswith("cuda:"):
         raise UsageError(f"unknown device {opts.device!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
-    if opts.device != "cpu" and not torch.cuda.is_available():
+    if opts.max_memory and opts.device != "auto":
+        raise UsageError("--max-memory needs --device auto (accelerate's device map with CPU and disk offload)")
+    if opts.device not in ("cpu", "auto") and not torch.cuda.is_available():
         raise UsageError(f"--device {opts.device} needs a CUDA GPU, and none is visible; use --device cpu")
     path, extra = _resolve(source, opts)
     load_config(source, opts.trust_remote_code)
@@ -272,7 +278,10 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
     if "gguf_file" not in extra:  # report shape mismatches by name below, instead of transformers' RuntimeError
         kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     if opts.device == "auto":
-        kwargs["device_map"] = "auto"  # accelerate shards the blocks across the visible GPUs
+        kwargs["device_map"] = "auto"  # accelerate shards the blocks across the visible GPUs, then CPU, then disk
+        if opts.max_memory:
+            kwargs["max_memory"] = opts.max_memory
+            kwargs["offload_folder"] = opts.offload_folder or _temporary_offload_folder()
     log.info("loading %s (%s, %s)", source, opts.dtype, opts.device)
     from transformers.utils import logging as hf_logging
 
@@ -301,18 +310,30 @@ def load_model(source: str, options: LoadOptions | None = None, tokenizer: bool 
     if opts.device not in ("cpu", "auto"):
         model.to(opts.device)
     model.eval()
+    tok = load_tokenizer(source, opts, tokenizer) if tokenizer else None
+    return Loaded(model=model, tokenizer=tok, source=source, options=opts)
+
+
+def load_tokenizer(source: str, options: LoadOptions | None = None, required: bool | str = True):
+    """The model's tokenizer, with the EOS token as pad token where it has none. required: True (missing or
+    broken files are a UsageError) or "optional" (None then, with a warning if the files are there but broken)."""
+    from transformers import AutoTokenizer
+
+    opts = options or LoadOptions()
+    path, extra = _resolve(source, opts)
+    gguf = "gguf_file" in extra  # a GGUF file carries its tokenizer inside
     tok = None
-    if tokenizer is True or (tokenizer == "optional" and (gguf or not _tokenizer_problem(path))):
+    if required is True or (required == "optional" and (gguf or not _tokenizer_problem(path))):
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=opts.trust_remote_code, **extra)
         except Exception as e:
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            if tokenizer is True:
+            if required is True:
                 raise UsageError(f"cannot load the tokenizer of {source} ({msg}); copy its tokenizer files") from e
             log.warning("no usable tokenizer in %s (%s); continuing without one", source, msg)
         if tok is not None and tok.pad_token is None:
             tok.pad_token = tok.eos_token
-    return Loaded(model=model, tokenizer=tok, source=source, options=opts)
+    return tok
 
 
 def _check_loading_info(source: str, info: dict) -> None:
@@ -334,6 +355,26 @@ def _check_loading_info(source: str, info: dict) -> None:
                          f"{names(info['unexpected_keys'])}; fix config.json or use the matching weights")  # fmt: skip
     if info.get("error_msgs"):
         raise UsageError(f"cannot load the weights of {source}: {str(info['error_msgs'][0]).splitlines()[0]}")
+
+
+def _temporary_offload_folder() -> str:
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix="shortened-offload-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def parse_max_memory(text: str) -> dict:
+    """'cpu=2GiB,0=20GiB' -> {"cpu": "2GiB", 0: "20GiB"} (GPU indices as ints, as accelerate wants them)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        dev, sep, size = item.partition("=")
+        if not sep or not size:
+            raise UsageError(f"--max-memory expects DEVICE=SIZE[,DEVICE=SIZE] (e.g. cpu=2GiB,0=20GiB), got {item!r}")
+        out[int(dev) if dev.isdigit() else dev] = size
+    return out
 
 
 def _forget_gguf_quantization(model) -> None:

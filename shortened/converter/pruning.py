@@ -28,7 +28,12 @@ def remove_blocks(model, indices) -> None:
             target = get_path(block, owner) if owner else block
             if hasattr(target, name):
                 setattr(target, name, new_idx)
-    cfg = model.config
+    prune_config(model.config, keep, n)
+
+
+def prune_config(cfg, keep: list[int], n: int) -> None:
+    """Fix a config for the kept blocks (original numbering) of n: the layer count, per-block lists, thresholds."""
+    fam = family_for(cfg)
     setattr(cfg, fam.num_layers_key, len(keep))
     for key in fam.per_layer_lists:
         value = getattr(cfg, key, None)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,6 +189,24 @@ def _final_step_callback():
     return EvaluateLastStep()
 
 
+def _initial_val_callback(path: Path):
+    from transformers import TrainerCallback
+
+    from ..io import write_json
+
+    class KeepInitialValLoss(TrainerCallback):
+        """The validation loss before training (eval_on_start), kept on disk so that a resumed run reports it.
+
+        Evaluated inside train(), not by a trainer.evaluate() before it: that call registers the bare model with
+        accelerate, which then skips the DDP wrapping, and every rank trains alone (found under torchrun)."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.global_step == 0 and state.is_world_process_zero and metrics and "eval_loss" in metrics:
+                write_json(path, {"loss": float(metrics["eval_loss"])})
+
+    return KeepInitialValLoss()
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -244,6 +263,8 @@ def _training_args(cfg: RetrainConfig, work: Path, has_val: bool):
         dataloader_num_workers=0,
         **warmup,
     )
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kw["use_cpu"] = True  # accelerate starts a gloo process group on CPU only when told (else: N lone runs)
     bad = sorted(set(cfg.extra_args) - names)
     if bad:
         raise UsageError(f"unknown TrainingArguments fields {', '.join(bad)}; see transformers.TrainingArguments")
@@ -254,7 +275,7 @@ def _training_args(cfg: RetrainConfig, work: Path, has_val: bool):
 def _losses(history: list[dict]) -> dict:
     train = [{"step": h["step"], "loss": h["loss"], **{k: h[k] for k in ("kl", "ce", "mse") if k in h}} for h in history
              if "loss" in h]  # fmt: skip
-    val = [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h]
+    val = [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h and h["step"] > 0]
     return {"train": train, "val": val}
 
 
@@ -300,7 +321,7 @@ def retrain(
     if have_ckpt and not cfg.resume:
         if not force:
             raise UsageError(f"{work} holds checkpoints of an interrupted run; pass --resume to continue or --force")
-        shutil.rmtree(work)
+        shutil.rmtree(work, ignore_errors=True)  # every rank may try; all do before the process group starts
     if cfg.resume and not have_ckpt:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", work)
     partial_pairs = None
@@ -358,6 +379,9 @@ def retrain(
             raise UsageError(
                 "LoRA retraining needs peft: pip install 'shortened[retrain]' (or pip install peft)"
             ) from e
+        from transformers import set_seed
+
+        set_seed(cfg.seed)  # LoRA's A matrices are random: the same on every rank and in a one-process run
         lora = peft.LoraConfig(
             r=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
@@ -403,26 +427,27 @@ def retrain(
                                           mse_weight=cfg.partial_mse)  # fmt: skip
     else:
         trainer = Trainer(**common)
+    if cfg.extra_args.get("fsdp") and not trainer.is_fsdp_enabled:  # accelerate 1.15 on CPU: plain DDP, silently
+        log.warning("fsdp=%r given, but accelerate runs %s here (FSDP needs GPUs): the weights are not sharded",
+                    cfg.extra_args["fsdp"], trainer.accelerator.distributed_type)  # fmt: skip
     if trainer.is_world_process_zero():
         write_json(work / "retrain_config.json", json.loads(json.dumps(cfg.to_dict(), default=str)))
 
     resumed_from = None
-    initial_val = None
-    if cfg.resume and have_ckpt:
+    resuming = bool(cfg.resume and have_ckpt)
+    args.eval_on_start = bool(val_ex) and not resuming
+    trainer.add_callback(_initial_val_callback(work / "initial_val_loss.json"))
+    if resuming:
         from transformers.trainer_utils import get_last_checkpoint
 
         last = get_last_checkpoint(str(work))
         resumed_from = int(Path(last).name.split("-")[-1]) if last else None
         log.info("resuming from %s", last)
-        prev = work / "initial_val_loss.json"
-        initial_val = json.loads(prev.read_text())["loss"] if prev.is_file() else None
-    elif val_ex:
-        initial_val = float(trainer.evaluate()["eval_loss"])
-        if trainer.is_world_process_zero():
-            write_json(work / "initial_val_loss.json", {"loss": initial_val})
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=bool(cfg.resume and have_ckpt))
+    result = trainer.train(resume_from_checkpoint=resuming)
     seconds = time.time() - t0
+    prev = work / "initial_val_loss.json"
+    initial_val = json.loads(prev.read_text())["loss"] if prev.is_file() else None
     state = trainer.state
     best_ckpt = state.best_model_checkpoint
     best_step = int(Path(best_ckpt).name.split("-")[-1]) if best_ckpt else state.global_step
@@ -430,8 +455,12 @@ def retrain(
     # gather the weights (FSDP / DeepSpeed shard them) and write the standard checkpoint on the main process
     final = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # the DeepSpeed engine / FSDP module
         if trainer.is_world_process_zero():
+            if trainer.is_deepspeed_enabled:  # else from_config builds a ZeRO-3-partitioned (empty) model
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
             final = AutoModelForCausalLM.from_config(loaded.model.config)
             if cfg.weights == "lora":
                 final = peft.get_peft_model(final, lora)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
+from . import surgery
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import save_checkpoint
 from .criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
@@ -183,16 +184,17 @@ def prune(
         select, recover, calib, recover_calib, recover_samples, recover_order, config
     )
     planned = recover != "none" or (select != "topk" and blocks is None)
-    needs_tokenizer = (blocks is None and scores is None and calib is not None) or planned
-    loaded = load_model(src, opts, tokenizer=True if needs_tokenizer else "optional")
+    loaded = None
     if blocks is None and scores is None:
+        loaded = load_model(src, opts, tokenizer=True if calib is not None or planned else "optional")
         num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
         it = iterative or (planned and select in ("iterative", "best") and criterion == "ppl")  # step 1 = ppl's
         scores = score(loaded, criterion, calib, protect, no_protect, it, num, ratio, micro_batch, progress=progress)
     order = [i for i in scores.removal_order if i not in protected] if scores else None
     removed = choose_blocks(order, n, remove, ratio, blocks, protected)
     selection = None
-    if planned:
+    if planned:  # candidate sets scored after recovery (selection.py); the chosen map folded in before the cut
+        loaded = loaded or load_model(src, opts, tokenizer=True)
         selection = plan_removal(loaded, scores, len(removed), blocks, select, recover, calib, fit_spec, protected,
                                  micro_batch, ridge, recover_order, progress, recover_always)  # fmt: skip
         removed = selection.best.blocks
@@ -200,17 +202,28 @@ def prune(
             fold(loaded.model, selection.best.recovery.maps)
         if scores is not None:
             scores.selection = selection.to_dict()
-    log.info("removing blocks %s of %d", removed, n)
-    remove_blocks(loaded.model, removed)
+    folded = selection is not None and selection.best.recovered
+    # nothing needs the model in memory (any more): cut the safetensors shard by shard (peak memory ~ one shard)
+    by_surgery = not folded and surgery.applies(src, opts, config)
+    log.info("removing blocks %s of %d (%s)", removed, n, "tensor surgery" if by_surgery else "in memory")
+    if by_surgery:
+        loaded = None  # scored (maybe offloaded) model freed before the copy
+    else:
+        loaded = loaded or load_model(src, opts, tokenizer="optional")
+        remove_blocks(loaded.model, removed)
     with atomic_dir(out, force, inputs) as tmp:
-        save_checkpoint(loaded.model, loaded.tokenizer, tmp)
+        if by_surgery:
+            surgery.cut_checkpoint(src, tmp, removed, opts, progress)
+        else:
+            save_checkpoint(loaded.model, loaded.tokenizer, tmp)
         write_pruning_record(tmp, src, n, removed, scores, selection)
         if scores is not None:
             write_json(tmp / "scores.json", scores.to_dict())
             from ..plots import plot_block_scores
 
             plot_block_scores(scores, tmp / "scores.png", removed=removed)
-    res = {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed)}
+    res = {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed),
+           "method": "surgery" if by_surgery else "in_memory"}  # fmt: skip
     if selection is not None:
         res.update(selected_by=selection.chosen, recovery="linear" if selection.best.recovered else "none")
     return res
