@@ -67,6 +67,8 @@ bench: setup fetch
 	$(PY) benchmarks/bench_speed.py --model $(MODEL_DIR)
 	$(PY) benchmarks/bench_quantized.py --model $(MODEL_DIR)
 	$(PY) benchmarks/bench_speed_repeat.py --model $(MODEL_DIR)
+	$(PY) benchmarks/bench_recovery.py --model $(MODEL_DIR) --calib $(CALIB) --eval $(EVAL) --selections topk,span,iterative \
+		--iterative-both --prune
 
 clean:
 	rm -rf $(VENV) $(VENV_OPT) .pytest_cache .ruff_cache out

@@ -36,7 +36,7 @@ from .io import (
 )
 
 log = logging.getLogger(__name__)
-STEPS = ("score", "prune", "retrain", "onnx", "tensorrt", "parity", "quality", "speed")
+STEPS = ("score", "sweep", "prune", "retrain", "onnx", "tensorrt", "parity", "quality", "speed")
 
 
 @dataclass
@@ -62,11 +62,17 @@ class ConvertConfig:
     iterative: bool = False
     protect: list = None  # default: first 4 and last 2 blocks
     no_protect: bool = False
-    ratio: float = 0.2
+    ratio: float = 0.2  # or "auto": the largest k whose held-out PPL ratio stays within max_ppl_ratio (a sweep)
     remove: int = 0  # > 0 overrides ratio
     blocks: list = None  # explicit blocks, overrides both
+    # selection and training-free recovery (converter/selection.py, recovery.py); auto: best / linear with calib
+    select: str = "auto"  # topk (the paper) | span | iterative | best | auto (top-k and spans where calib is given)
+    recover: str = "auto"  # none (the paper) | linear | auto (linear where calib is given and the family allows)
+    recover_calib: str = ""  # fitting text for the recovery (default: calib, other windows)
+    recover_samples: int = 64
+    sweep_max_remove: int = 0  # ratio = "auto": the largest k tried (0: 40% of the blocks)
     # retraining (off unless a method is given; other RetrainConfig options in [retrain_options])
-    retrain: str = ""  # lora | full | distill
+    retrain: str = ""  # lora | full | distill | partial
     retrain_data: str = ""
     retrain_steps: int = 100
     retrain_options: dict = field(default_factory=dict)
@@ -148,10 +154,18 @@ class ConvertConfig:
             if not self.calib:
                 raise UsageError(f"criterion {self.criterion} needs calibration text: pass --calib FILE")
             CalibSpec(self.calib, self.num_samples, self.seq_len, self.seed, self.add_bos).validate()
-        if not self.blocks and not self.remove and not 0 < self.ratio < 1:
-            raise UsageError(f"ratio must be between 0 and 1 (exclusive), got {self.ratio}")
-        if self.retrain and self.retrain not in ("lora", "full", "distill"):
-            raise UsageError(f"unknown retrain method {self.retrain!r}; choose lora, full or distill")
+        if self.ratio == "auto" and not self.blocks and not self.remove:
+            if not self.max_ppl_ratio or not self.eval_text or not self.calib:
+                raise UsageError("ratio = auto picks k by held-out perplexity: set max_ppl_ratio, eval_text and calib")
+        elif not self.blocks and not self.remove and not 0 < self.ratio < 1:
+            raise UsageError(f"ratio must be between 0 and 1 (exclusive) or auto, got {self.ratio}")
+        from .converter.selection import resolve
+
+        resolve(self.select, self.recover, load_config(self.model, self.trust_remote_code), bool(self.calib))
+        if self.recover_calib and not Path(self.recover_calib).is_file():
+            raise UsageError(f"recovery calibration file {self.recover_calib} not found")
+        if self.retrain and self.retrain not in ("lora", "full", "distill", "partial"):
+            raise UsageError(f"unknown retrain method {self.retrain!r}; choose lora, full, distill or partial")
         if self.retrain and not self.retrain_data:
             raise UsageError("retraining needs data: pass --retrain-data FILE")
         if self.precision not in ("fp32", "fp16", "bf16", "int4", "int8"):
@@ -191,7 +205,8 @@ class ConvertConfig:
     def inputs(self) -> dict:
         """Everything convert reads, by label: an output may not equal, contain or lie inside any of them."""
         return {"model": self.model, "calibration": self.calib, "retraining data": self.retrain_data,
-                "eval text": self.eval_text, "parity prompts": self.parity_prompts}  # fmt: skip
+                "eval text": self.eval_text, "parity prompts": self.parity_prompts,
+                "recovery calibration": self.recover_calib}  # fmt: skip
 
     def all_precisions(self) -> list:
         """The exported precisions in order; the last one is deployed (and gated)."""
@@ -247,7 +262,9 @@ def make_config(settings: dict) -> ConvertConfig:
         default = getattr(cfg, k)
         if isinstance(default, bool) and not isinstance(v, bool):
             raise UsageError(f"setting {k} must be true or false, got {v!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if k == "ratio" and v == "auto":
+            pass
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise UsageError(f"setting {k} must be a number, got {v!r}")
             v = type(default)(v)
@@ -350,6 +367,34 @@ def _artifacts(out: Path) -> dict:
     return {str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
 
 
+def _sweep_step(cfg, steps, say, work, model_fp, load, calib, calib_fp, plan, load_opts, progress):
+    """ratio = auto: sweep k = 1..K on the held-out text, keep the largest k within max_ppl_ratio; returns
+    (its blocks, the step key). No k within the budget is a failed gate before any export."""
+    text_fp = fingerprint_path(cfg.eval_text) if Path(cfg.eval_text).is_file() else cfg.eval_text
+    recover_fp = fingerprint_path(cfg.recover_calib) if cfg.recover_calib else None
+    key = _key("sweep", model_fp, load, calib_fp, dataclasses.asdict(calib), plan, recover_fp, text_fp,
+               cfg.eval_seq_len, cfg.eval_max_windows, cfg.max_ppl_ratio, cfg.sweep_max_remove, cfg.protect,
+               cfg.no_protect)  # fmt: skip
+
+    def do_sweep():
+        from .converter.sweep import sweep
+
+        res = sweep(cfg.model, cfg.eval_text, calib, cfg.sweep_max_remove or None, protect=cfg.protect,
+                    no_protect=cfg.no_protect, eval_seq_len=cfg.eval_seq_len,
+                    eval_max_windows=cfg.eval_max_windows or None, max_ppl_ratio=cfg.max_ppl_ratio, load=load_opts,
+                    out=_replace_dir(work / "sweep"), force=True, progress=progress, **plan)  # fmt: skip
+        return {"picked_k": res["picked_k"], "rows": res["rows"], "original_heldout_ppl": res["original_heldout_ppl"]}
+
+    res = _run_step(steps, "sweep", key, do_sweep, say)
+    k = res["picked_k"]
+    if k == 0:
+        first = res["rows"][0]
+        raise GateFailed(f"no k within max_ppl_ratio {cfg.max_ppl_ratio}: removing one block already gives a "
+                         f"held-out ratio of {first['heldout_ratio']:.3f} (sweep in {work / 'sweep'})")  # fmt: skip
+    say(f"[sweep] removing {k} blocks: the largest k within a held-out PPL ratio of {cfg.max_ppl_ratio}")
+    return res["rows"][k - 1]["blocks"], key
+
+
 # ---------------------------------------------------------------------------------------------
 # The build step
 
@@ -400,6 +445,13 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
 
     calib = CalibSpec(cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.add_bos) if cfg.calib else None
     calib_fp = fingerprint_path(cfg.calib) if cfg.calib and Path(cfg.calib).is_file() else {"source": cfg.calib}
+    from .converter.loading import load_config
+    from .converter.selection import resolve
+
+    select, _ = resolve(cfg.select, cfg.recover, load_config(cfg.model, cfg.trust_remote_code), bool(cfg.calib))
+    fixed_ratio = None if cfg.ratio == "auto" else cfg.ratio
+    # selection best/iterative with the ppl criterion: the iterative order's first step is the criterion itself
+    iterative = cfg.iterative or (cfg.criterion == "ppl" and select in ("best", "iterative") and fixed_ratio)
     score_key = _key(
         "score",
         model_fp,
@@ -407,10 +459,10 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
         calib_fp,
         dataclasses.asdict(calib) if calib else None,
         cfg.criterion,
-        cfg.iterative,
+        bool(iterative),
         cfg.protect,
         cfg.no_protect,
-        None if not cfg.iterative else (cfg.remove, cfg.ratio),
+        None if not iterative else (cfg.remove, cfg.ratio),
     )
 
     def do_score():
@@ -422,9 +474,9 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             calib,
             cfg.protect,
             cfg.no_protect,
-            cfg.iterative,
+            bool(iterative),
             cfg.remove or None,
-            cfg.ratio,
+            fixed_ratio if fixed_ratio is not None else 0.2,
             load=load_opts,
             progress=progress,
         )
@@ -441,8 +493,19 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
         _run_step(steps, "score", score_key, do_score, say)
         scores = BlockScores.from_dict(json.loads((work / "scores.json").read_text()))
 
+    # 1b. the quality/speed sweep, when k is chosen by a perplexity budget
+    plan = dict(select=cfg.select, recover=cfg.recover, recover_calib=cfg.recover_calib or None,
+                recover_samples=cfg.recover_samples)  # fmt: skip
+    blocks = cfg.blocks or None
+    sweep_key = None
+    if cfg.ratio == "auto" and not cfg.blocks and not cfg.remove:
+        blocks, sweep_key = _sweep_step(cfg, steps, say, work, model_fp, load, calib, calib_fp, plan, load_opts,
+                                        progress)  # fmt: skip
+
     # 2. prune
-    prune_key = _key("prune", score_key, cfg.blocks, cfg.remove, cfg.ratio, cfg.protect, cfg.no_protect)
+    recover_fp = fingerprint_path(cfg.recover_calib) if cfg.recover_calib else None
+    prune_key = _key("prune", score_key, cfg.blocks, cfg.remove, cfg.ratio, cfg.protect, cfg.no_protect, plan,
+                     recover_fp, sweep_key)  # fmt: skip
 
     def do_prune():
         from .converter.steps import prune
@@ -451,15 +514,20 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             cfg.model,
             _replace_dir(work / "pruned"),
             scores=scores,
+            calib=calib,
             remove=cfg.remove or None,
-            ratio=None if (cfg.remove or cfg.blocks) else cfg.ratio,
-            blocks=cfg.blocks or None,
+            ratio=None if (cfg.remove or blocks) else cfg.ratio,
+            blocks=blocks,
             protect=cfg.protect,
             no_protect=cfg.no_protect,
             load=load_opts,
             force=True,
             progress=progress,
+            **plan,
         )
+        rec = json.loads((work / "pruned" / "pruning.json").read_text())
+        res["recovery"] = rec.get("recovery")
+        res["selection"] = rec.get("selection")
         return res
 
     pruned = _run_step(steps, "prune", prune_key, do_prune, say)
@@ -593,6 +661,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
     # 7. quality: perplexity of the original, the pruned and the retrained model (PyTorch), then of every exported
     # artifact through onnxruntime: original -> pruned -> onnx fp32 -> onnx int4 ...
     quality = None
+    quality_notes: list = []
     if cfg.eval_text:
         text_fp = fingerprint_path(cfg.eval_text) if Path(cfg.eval_text).is_file() else cfg.eval_text
         quality_key = _key("quality", model_fp, prune_key, final_key, text_fp, cfg.eval_seq_len, cfg.eval_max_windows,
@@ -632,6 +701,10 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             return res
 
         quality = _run_step(steps, "quality", quality_key, do_quality, say)
+        from .validators.quality import overlap_notes
+
+        quality_notes = overlap_notes(cfg.eval_text, {"calibration": cfg.calib, "recovery calibration":
+                                      cfg.recover_calib, "retraining": cfg.retrain_data})  # fmt: skip
 
     # 8. speed: pruned against the original on the same backend, interleaved
     speed = None
@@ -716,13 +789,17 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             "criterion": cfg.criterion if scores else "manual",
             "removal_order": scores.removal_order if scores else None,
             "scores": scores.scores if scores else None,
+            "selection": pruned.get("selection"),
+            "recovery": pruned.get("recovery"),
         },
+        "sweep": steps.log["sweep"]["result"] if "sweep" in steps.log else None,
         "retraining": retrain_info,
         "onnx": onnx_info,
         "exports": exports,
         "tensorrt": trt_info,
         "parity": parity,
         "quality": quality,
+        "quality_notes": quality_notes,
         "speed": {"decode_speedup": speed, "report": "speed.json"} if speed is not None else None,
         "gates": gates,
         "passed": all(g["passed"] for g in gates.values()),
@@ -800,10 +877,22 @@ def summary_table(m: dict, out: Path) -> str:
         "| --- | --- |",
         f"| blocks removed | {p['removed_blocks']} ({p['num_blocks']} -> {p['kept']}, criterion {p['criterion']}) |",
     ]
+    if p.get("selection"):
+        sel = p["selection"]
+        lines.append(f"| selection | {sel['mode']}: chosen {sel['chosen']} by calibration perplexity |")
+    if p.get("recovery"):
+        r = p["recovery"]
+        how = "none" if r["method"] == "none" else f"linear map folded into blocks {r['blocks_holding_maps']}"
+        lines.append(f"| training-free recovery | {how}{'; ' + r['not_folded'] if r.get('not_folded') else ''} |")
+    if m.get("sweep"):
+        lines.append(f"| k by budget | {m['sweep']['picked_k']} blocks: the largest within held-out PPL ratio "
+                     f"{m['config']['max_ppl_ratio']} (chosen on the evaluation text; sweep/sweep.md) |")  # fmt: skip
     q = m.get("quality")
     if q:
         row = " -> ".join(f"{k} {v['ppl']:.2f}" for k, v in q.items())
         lines.append(f"| perplexity ({q['original']['source']}, {q['original']['seq_len']}-token windows) | {row} |")
+        for note in m.get("quality_notes") or []:
+            lines.append(f"| not held out | {note} |")
     par = m["parity"]
     for prec, pp in (par.get("by_precision") or {"": par}).items():
         what = f"parity (ONNX {prec} vs PyTorch)" if prec else "parity (ONNX vs PyTorch)"
@@ -846,6 +935,9 @@ def render_report(m: dict, work: Path) -> str:
     ]
     if m["pruning"]["scores"]:
         out += ["## Block importance", "", "![block scores](scores.png)", ""]
+    if (work / "sweep" / "sweep.md").is_file():
+        out += ["## Quality against speed", "", (work / "sweep" / "sweep.md").read_text().rstrip(), "",
+                "![sweep](sweep/sweep.png)", ""]  # fmt: skip
     for f in sorted(work.glob("parity*.txt")):
         first = (m["config"]["precisions"] or [m["config"]["precision"]])[0]
         prec = f.stem.split("-", 1)[1] if "-" in f.stem else first

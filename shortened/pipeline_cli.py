@@ -15,6 +15,16 @@ def _list(text: str) -> list:
         return items
 
 
+def _ratio(text: str):
+    """--ratio 0.2, or --ratio auto (the largest k within --max-ppl-ratio, from a sweep)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or auto, got {text!r}") from None
+
+
 def register(sub, groups) -> None:
     from .cli import json_object
     from .pipeline import ConvertConfig
@@ -36,7 +46,8 @@ def register(sub, groups) -> None:
         elif isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(default {value})", **kw)
         elif isinstance(value, (int, float, str)):
-            p.add_argument(flag, type=type(value), help=f"(default {value!r})", **kw)
+            kind = _ratio if f.name == "ratio" else type(value)
+            p.add_argument(flag, type=kind, help=f"(default {value!r})", **kw)
         elif isinstance(value, dict):
             p.add_argument(flag, type=json_object, help="JSON object, e.g. '{\"max_abs\": 1e-3}'", **kw)
         else:  # lists (None default: protect, blocks)

@@ -51,6 +51,7 @@ class BlockScores:
     calibration: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     seconds: float = 0.0
+    selection: dict = field(default_factory=dict)  # selection.Selection.to_dict(): candidate sets and their scores
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -272,8 +273,10 @@ def score_blocks(
     num_remove: int | None = None,
     micro_batch: int = 10,
     progress: bool = True,
+    reuse: bool = True,
 ) -> BlockScores:
-    """Score every block of `model`. Iterative mode modifies a copy of the model, never `model` itself."""
+    """Score every block of `model`. Iterative mode modifies a copy of the model, never `model` itself; with the
+    ppl criterion it reuses cached passes (selection.iterative_order; `reuse=False`: rescore from scratch)."""
     from .pruning import remove_blocks
 
     if criterion not in CRITERIA:
@@ -300,6 +303,15 @@ def score_blocks(
         raise UsageError("iterative scoring needs the number of blocks to remove (--remove N or --ratio R)")
     if num_remove > len(candidates):
         raise UsageError(f"cannot remove {num_remove} blocks: only {len(candidates)} are not protected")
+    if criterion == "ppl" and reuse:
+        from .recovery import cache_hiddens
+        from .selection import iterative_order
+
+        cache = cache_hiddens(model, batch, micro_batch)
+        order, steps, base0 = iterative_order(model, cache, candidates, num_remove, progress)
+        first = [steps[0]["scores"].get(i) for i in range(n)]
+        secs = time.perf_counter() - t0
+        return BlockScores(criterion, first, candidates, order, True, steps, base0, calib, seconds=secs)
     import copy
 
     work = copy.deepcopy(model)

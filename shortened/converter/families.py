@@ -25,6 +25,10 @@ class Family:
     # the decoder layer is pre-norm attention + MLP with q/k/v/o projections and rotate-half RoPE, so the ONNX
     # exporter can write it with onnxruntime's GroupQueryAttention (exporters/fused.py)
     llama_like_layer: bool = False
+    # linear recovery (converter/recovery.py): the block's module whose output is the MLP's contribution to the
+    # residual stream (a map folds into its weight), or why no such module exists
+    mlp_down: str = "mlp.down_proj"
+    linear_recovery_refusal: str = ""
 
 
 _LLAMA_LIKE = Family(blocks="model.layers", final_norm="model.norm", llama_like_layer=True)
@@ -34,13 +38,20 @@ FAMILIES: dict[str, Family] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": Family("model.layers", "model.norm", layer_count_thresholds=("max_window_layers",), llama_like_layer=True),
     "qwen3": Family("model.layers", "model.norm", layer_count_thresholds=("max_window_layers",), llama_like_layer=True),
-    "gemma2": Family(blocks="model.layers", final_norm="model.norm", needs_bos=True),
+    "gemma2": Family(
+        blocks="model.layers",
+        final_norm="model.norm",
+        needs_bos=True,
+        linear_recovery_refusal="Gemma 2 passes the MLP output through post_feedforward_layernorm before the "
+        "residual add, so a linear map cannot be folded into the down projection",
+    ),
     "phi3": Family(blocks="model.layers", final_norm="model.norm"),  # packed qkv_proj, partial RoPE
     "gpt2": Family(
         blocks="transformer.h",
         final_norm="transformer.ln_f",
         num_layers_key="n_layer",
         layer_idx_attrs=("attn.layer_idx",),
+        mlp_down="mlp.c_proj",  # Conv1D (weight [in, out]), then dropout
     ),
 }
 

@@ -92,7 +92,9 @@ def prune_model(model, removed: list[int]):
     return model
 
 
-def write_pruning_record(out_dir: Path, source: str, n_blocks: int, removed: list[int], scores=None) -> None:
+def write_pruning_record(
+    out_dir: Path, source: str, n_blocks: int, removed: list[int], scores=None, selection=None
+) -> None:
     from .. import __version__
     from ..io import write_json
 
@@ -105,6 +107,13 @@ def write_pruning_record(out_dir: Path, source: str, n_blocks: int, removed: lis
         "criterion": scores.criterion if scores is not None else "manual",
         "scores": scores.to_dict() if scores is not None else None,
     }
+    if selection is not None:  # selection.Selection: how the set was chosen, and the recovery folded in
+        rec["selection"] = {k: v for k, v in selection.to_dict().items() if k != "candidates"}
+        best = selection.best
+        rec["recovery"] = best.recovery.record() if best.recovered else {"method": "none"}
+        if best.recovery is not None and not best.recovered:
+            rec["recovery"]["not_folded"] = "the fitted map raised the calibration perplexity, so it was left out"
+        rec["calibration_ppl"] = {"without_recovery": best.calib_ppl_no_recovery, "with_recovery": best.calib_ppl}
     write_json(out_dir / "pruning.json", rec)
 
 

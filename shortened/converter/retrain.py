@@ -23,13 +23,13 @@ from .loading import LoadOptions
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "full", "distill")
+METHODS = ("lora", "full", "distill", "partial")  # partial: only the blocks next to each removed run (partial.py)
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-4}  # the paper's LoRA and continued-pretraining learning rates
 
 
 @dataclass
 class RetrainConfig:
-    method: str = "lora"  # lora | full | distill
+    method: str = "lora"  # lora | full | distill | partial
     # data
     data: str | None = None  # .txt / .jsonl file, or a Hugging Face dataset (hf:NAME[:CONFIG])
     val_data: str | None = None  # separate validation source; default: a held-out part of `data`
@@ -69,6 +69,9 @@ class RetrainConfig:
     temperature: float = 2.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0  # optional cross-entropy on the labels
+    # partial: also the final norm and head; weight of the MSE to the original's hidden state at the same depth
+    partial_head: bool = False
+    partial_mse: float = 0.0
     # run
     resume: bool = False
     keep_checkpoints: bool = False
@@ -78,6 +81,8 @@ class RetrainConfig:
     @property
     def weights(self) -> str:
         """What is trained: lora or full."""
+        if self.method == "partial":
+            return "full"
         return self.distill_weights if self.method == "distill" else self.method
 
     def validate(self) -> None:
@@ -268,7 +273,7 @@ def _training_args(cfg: RetrainConfig, work: Path, has_val: bool):
 
 
 def _losses(history: list[dict]) -> dict:
-    train = [{"step": h["step"], "loss": h["loss"], **{k: h[k] for k in ("kl", "ce") if k in h}} for h in history
+    train = [{"step": h["step"], "loss": h["loss"], **{k: h[k] for k in ("kl", "ce", "mse") if k in h}} for h in history
              if "loss" in h]  # fmt: skip
     val = [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h and h["step"] > 0]
     return {"train": train, "val": val}
@@ -319,7 +324,15 @@ def retrain(
         shutil.rmtree(work, ignore_errors=True)  # every rank may try; all do before the process group starts
     if cfg.resume and not have_ckpt:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", work)
-    teacher_src = _find_teacher(model, cfg) if cfg.method == "distill" else None
+    partial_pairs = None
+    if cfg.method == "partial":
+        from .partial import neighbour_blocks, pruning_record
+
+        partial_pairs = neighbour_blocks(pruning_record(model))
+        if cfg.partial_mse < 0:
+            raise UsageError(f"--partial-mse must not be negative, got {cfg.partial_mse}")
+    needs_teacher = cfg.method == "distill" or (cfg.method == "partial" and cfg.partial_mse > 0)
+    teacher_src = _find_teacher(model, cfg) if needs_teacher else None
     check_no_overlap(out, {"teacher": teacher_src})
     if cfg.resume and have_ckpt:
         saved = work / "retrain_config.json"
@@ -377,6 +390,10 @@ def retrain(
             task_type="CAUSAL_LM",
         )
         net = peft.get_peft_model(net, lora)
+    if partial_pairs is not None:
+        from .partial import freeze_for_partial
+
+        freeze_for_partial(net, [p for p, _ in partial_pairs], cfg.partial_head)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     log.info("training %d of %d parameters (%s)", trainable, total, cfg.method)
@@ -402,6 +419,12 @@ def retrain(
             **common, teacher=teacher_model, temperature=cfg.temperature, kd_weight=cfg.kd_weight,
             ce_weight=cfg.ce_weight,
         )  # fmt: skip
+    elif cfg.method == "partial" and cfg.partial_mse > 0:
+        from .partial import partial_trainer_class
+
+        teacher_model = load_model(teacher_src, cfg.load, tokenizer=False).model
+        trainer = partial_trainer_class()(**common, teacher=teacher_model, pairs=partial_pairs,
+                                          mse_weight=cfg.partial_mse)  # fmt: skip
     else:
         trainer = Trainer(**common)
     if cfg.extra_args.get("fsdp") and not trainer.is_fsdp_enabled:  # accelerate 1.15 on CPU: plain DDP, silently
@@ -459,6 +482,7 @@ def retrain(
         "best_step": best_step,
         "resumed_from_step": resumed_from,
         "trainable_parameters": trainable,
+        "trained_blocks": partial_pairs and [{"pruned": p, "original": o} for p, o in partial_pairs],
         "total_parameters": total,
         "hyperparameters": {
             "lr": lr,
@@ -486,6 +510,7 @@ def retrain(
                 if cfg.method == "distill"
                 else {}
             ),
+            **({"partial_head": cfg.partial_head, "partial_mse": cfg.partial_mse} if cfg.method == "partial" else {}),
         },  # fmt: skip
         "losses": {"initial_val": initial_val, **_losses(state.log_history)},
         "best_val_loss": state.best_metric,

@@ -6,7 +6,10 @@ import dataclasses
 import json
 
 HELP = {
-    "method": "lora (paper, light pruning), full (continued pretraining), distill (teacher = original model)",
+    "method": "lora (paper, light pruning), full (continued pretraining), distill (teacher = original model), "
+    "partial (only the blocks next to each removed run)",
+    "partial_head": "partial: also train the final norm and the head",
+    "partial_mse": "partial: weight of the MSE to the original model's hidden state at the same depth",
     "data": "training data: .txt (plain text), .jsonl (text field or Alpaca records), or hf:DATASET[:CONFIG]",
     "val_data": "validation data (default: a held-out part of --data)",
     "val_fraction": "held-out fraction of --data for the validation loss",
@@ -27,7 +30,7 @@ HELP = {
     "resume": "continue an interrupted run from its last checkpoint (<out>.checkpoints)",
     "keep_checkpoints": "keep <out>.checkpoints after a successful run",
 }
-CHOICES = {"method": ("lora", "full", "distill"), "data_format": ("auto", "text", "alpaca"),
+CHOICES = {"method": ("lora", "full", "distill", "partial"), "data_format": ("auto", "text", "alpaca"),
            "distill_weights": ("lora", "full")}  # fmt: skip
 
 

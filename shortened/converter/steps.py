@@ -14,8 +14,13 @@ from .criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
 from .families import num_blocks
 from .loading import Loaded, LoadOptions, check_length, load_config, load_model
 from .pruning import check_scores_match, choose_blocks, load_scores, remove_blocks, write_pruning_record
+from .recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, fold
+from .selection import check_plan, plan_removal
 
 log = logging.getLogger(__name__)
+# prune's defaults: selection (top-k and spans) and linear recovery wherever there is --calib; without it, as before.
+# The paper's path: --select topk --recover none. Measured in benchmarks/bench_recovery.py.
+PRUNE_SELECT, PRUNE_RECOVER = "auto", "auto"
 
 
 def model_fingerprint(source: str, config) -> dict:
@@ -39,8 +44,15 @@ def score(
     plot: bool = True,
     progress: bool = True,
     force: bool = False,
+    select: str = "topk",
+    recover: str = "none",
+    recover_calib: str | CalibSpec | None = None,
+    recover_samples: int = RECOVER_SAMPLES,
+    recover_order: str = "best",
+    ridge: float = DEFAULT_RIDGE,
 ) -> BlockScores:
-    """Score every block of a model; optionally write scores.json (and scores.png beside it)."""
+    """Score every block of a model; optionally write scores.json (and scores.png beside it). With a selection
+    other than topk (or a recovery), the candidate sets of `num_remove` blocks and their scores go in `selection`."""
     src = model.source if isinstance(model, Loaded) else model
     if out is not None:
         inputs = {"model": src, "calibration": calib.source if calib is not None else None}
@@ -56,6 +68,13 @@ def score(
         config = load_config(model, (load or LoadOptions()).trust_remote_code)
     if calib is not None:
         check_length(config, calib.seq_len, "--seq-len")
+    planned = select != "topk" or recover != "none"
+    if planned:
+        select, recover, fit_spec = check_plan(select, recover, calib, recover_calib, recover_samples,
+                                               recover_order, config)  # fmt: skip
+        planned = select != "topk" or recover != "none"
+        if planned and not num_remove and not (ratio and 0 < ratio < 1):
+            raise UsageError(f"--select {select} scores sets of blocks: say how many with --remove N or --ratio R")
     if not isinstance(model, Loaded):
         loaded = load_model(model, load, tokenizer=True if calib is not None else "optional")
     n = num_blocks(loaded.model.config)
@@ -68,6 +87,12 @@ def score(
         loaded.model, criterion, batch, protect, no_protect, iterative, num_remove, micro_batch, progress
     )
     result.model = model_fingerprint(loaded.source, loaded.model.config)
+    if planned:
+        k = num_remove or max(1, round(ratio * n))
+        protected = protected_blocks(n, protect, no_protect)
+        sel = plan_removal(loaded, result, k, None, select, recover, calib, fit_spec, protected, micro_batch, ridge,
+                           recover_order, progress)  # fmt: skip
+        result.selection = sel.to_dict()
     if out is not None:
         save_scores(result, out, plot, force=force)
     return result
@@ -106,8 +131,20 @@ def prune(
     load: LoadOptions | None = None,
     force: bool = False,
     progress: bool = True,
+    select: str = PRUNE_SELECT,
+    recover: str = PRUNE_RECOVER,
+    recover_calib: str | CalibSpec | None = None,
+    recover_samples: int = RECOVER_SAMPLES,
+    recover_order: str = "best",
+    ridge: float = DEFAULT_RIDGE,
+    recover_always: bool = False,
 ) -> dict:
-    """Remove blocks and save a standard checkpoint to `out` (which appears only when complete)."""
+    """Remove blocks and save a standard checkpoint to `out` (which appears only when complete).
+
+    select: topk (the criterion's order), span, iterative or best (candidate sets scored by calibration
+    perplexity after recovery, selection.py); recover: none or linear (recovery.py), fitted on `recover_samples`
+    windows of `recover_calib` (default: the --calib source with seed + 1, so not the scoring windows), and folded
+    in only where it lowers the calibration perplexity (`recover_always`: regardless)."""
     opts = load or LoadOptions()
     src = model
     inputs = {"model": src, "calibration": calib.source if calib is not None else None,
@@ -141,17 +178,33 @@ def prune(
             )
     if calib is not None:
         calib.validate()
+    if recover == "auto" and 0 in (set(blocks or []) | (set(range(n)) - protected)):
+        recover = "none"  # block 0 could be removed: no kept block before it to fold a map into
+    select, recover, fit_spec = check_plan(
+        select, recover, calib, recover_calib, recover_samples, recover_order, config
+    )
+    planned = recover != "none" or (select != "topk" and blocks is None)
     loaded = None
     if blocks is None and scores is None:
-        loaded = load_model(src, opts, tokenizer=True if calib is not None else "optional")
+        loaded = load_model(src, opts, tokenizer=True if calib is not None or planned else "optional")
         num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
-        scores = score(
-            loaded, criterion, calib, protect, no_protect, iterative, num, ratio, micro_batch, progress=progress
-        )
+        it = iterative or (planned and select in ("iterative", "best") and criterion == "ppl")  # step 1 = ppl's
+        scores = score(loaded, criterion, calib, protect, no_protect, it, num, ratio, micro_batch, progress=progress)
     order = [i for i in scores.removal_order if i not in protected] if scores else None
     removed = choose_blocks(order, n, remove, ratio, blocks, protected)
+    selection = None
+    if planned:  # candidate sets scored after recovery (selection.py); the chosen map folded in before the cut
+        loaded = loaded or load_model(src, opts, tokenizer=True)
+        selection = plan_removal(loaded, scores, len(removed), blocks, select, recover, calib, fit_spec, protected,
+                                 micro_batch, ridge, recover_order, progress, recover_always)  # fmt: skip
+        removed = selection.best.blocks
+        if selection.best.recovered:
+            fold(loaded.model, selection.best.recovery.maps)
+        if scores is not None:
+            scores.selection = selection.to_dict()
+    folded = selection is not None and selection.best.recovered
     # nothing needs the model in memory (any more): cut the safetensors shard by shard (peak memory ~ one shard)
-    by_surgery = surgery.applies(src, opts, config)
+    by_surgery = not folded and surgery.applies(src, opts, config)
     log.info("removing blocks %s of %d (%s)", removed, n, "tensor surgery" if by_surgery else "in memory")
     if by_surgery:
         loaded = None  # scored (maybe offloaded) model freed before the copy
@@ -163,11 +216,14 @@ def prune(
             surgery.cut_checkpoint(src, tmp, removed, opts, progress)
         else:
             save_checkpoint(loaded.model, loaded.tokenizer, tmp)
-        write_pruning_record(tmp, src, n, removed, scores)
+        write_pruning_record(tmp, src, n, removed, scores, selection)
         if scores is not None:
             write_json(tmp / "scores.json", scores.to_dict())
             from ..plots import plot_block_scores
 
             plot_block_scores(scores, tmp / "scores.png", removed=removed)
-    return {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed),
-            "method": "surgery" if by_surgery else "in_memory"}  # fmt: skip
+    res = {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed),
+           "method": "surgery" if by_surgery else "in_memory"}  # fmt: skip
+    if selection is not None:
+        res.update(selected_by=selection.chosen, recovery="linear" if selection.best.recovered else "none")
+    return res

@@ -231,3 +231,45 @@ def evaluate(
             loaded.model, loaded.tokenizer, tasks, limit, include_path, batch_size, num_fewshot, add_bos
         )
     return out
+
+
+_SPLITS = ("train", "valid", "validation", "dev", "test")
+
+
+def _lines(text: str) -> set[str]:
+    return {ln.strip() for ln in text.splitlines() if len(ln.strip()) >= 40}
+
+
+def overlap_notes(eval_source: str, others: dict[str, str]) -> list[str]:
+    """Where the evaluation text is not held out from the calibration / retraining data `others` ({role: source}):
+    the same file, a text sharing its lines (a slice of it), another split of the same corpus (a file beside it named
+    train/valid/test, or the Hugging Face dataset a named source comes from). One sentence per finding."""
+    notes = []
+    ep = Path(eval_source)
+    e_dataset = NAMED_SOURCES[eval_source][0] if eval_source in NAMED_SOURCES else None
+    e_lines = None
+    for role, src in others.items():
+        if not src:
+            continue
+        sp = Path(src)
+        if src.startswith("hf:"):
+            name = src[3:].split(":")[0]
+            if e_dataset and name == e_dataset:
+                notes.append(f"the evaluation text ({eval_source}) is from the same corpus as the {role} data ({src})")
+            continue
+        if not (ep.is_file() and sp.is_file()):
+            continue
+        if ep.resolve() == sp.resolve() or ep.read_bytes() == sp.read_bytes():
+            notes.append(f"the evaluation text is the same file as the {role} data ({src})")
+            continue
+        e_lines = _lines(read_text(str(ep))) if e_lines is None else e_lines
+        o_lines = _lines(sp.read_text(encoding="utf-8", errors="replace"))
+        shared = len(e_lines & o_lines)
+        if shared and shared >= 0.01 * min(len(e_lines), len(o_lines)):
+            notes.append(f"the evaluation text shares {shared} lines with the {role} data ({src}): a slice of it")
+        elif ep.parent.resolve() == sp.parent.resolve() and any(s in ep.name.lower() for s in _SPLITS) and any(
+            s in sp.name.lower() for s in _SPLITS
+        ):
+            notes.append(f"the evaluation text ({ep.name}) is another split of the same corpus as the {role} data "
+                         f"({sp.name}): its perplexity measures domain adaptation too")  # fmt: skip
+    return notes
