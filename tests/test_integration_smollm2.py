@@ -54,9 +54,10 @@ def test_smollm2_ppl_and_taylor_prune_6_of_30(smollm2, calib, tmp_path, capsys):
 
 
 def test_smollm2_convert_end_to_end(smollm2, tmp_path, capsys):
-    """`shortened convert` on the real model, scaled down to minutes: Taylor on 4 x 64 tokens, 6 of 30 blocks, the
-    onnxruntime-optimized export, parity, perplexity, speed. Then a re-run reuses every step and a gate that cannot
-    pass gives exit code 1 with the artifacts kept; an invalid setting gives 2 before any work."""
+    """`shortened convert` on the real model, scaled down to minutes: Taylor on 4 x 64 tokens, 6 of 30 blocks (the
+    paper's top-k path; selection and recovery have tests of their own), the onnxruntime-optimized export, parity,
+    perplexity, speed. Then a re-run reuses every step and a gate that cannot pass gives exit code 1 with the
+    artifacts kept; an invalid setting gives 2 before any work."""
     from shortened.cli import main
     from shortened.io import sha256_file
 
@@ -65,7 +66,8 @@ def test_smollm2_convert_end_to_end(smollm2, tmp_path, capsys):
     out = tmp_path / "build"
     args = [
         "convert", "--model", str(smollm2), "--out", str(out), "--calib", str(CORPUS), "--criterion", "taylor",
-        "--num-samples", "4", "--seq-len", "64", "--ratio", "0.2", "--optimize", "--eval-text", str(WIKITEXT),
+        "--select", "topk", "--recover", "none", "--num-samples", "4", "--seq-len", "64", "--ratio", "0.2",
+        "--optimize", "--eval-text", str(WIKITEXT),
         "--eval-max-windows", "4", "--parity-new-tokens", "4", "--speed-backend", "torch", "--batch-sizes", "1",
         "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1", "--no-width-baseline", "--quiet",
     ]  # fmt: skip
