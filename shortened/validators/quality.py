@@ -96,18 +96,32 @@ def perplexity(
     from ..converter.loading import check_length
 
     check_length(model.config, seq_len, "perplexity window length")
+    windows = _windows(tokenizer, source, seq_len, add_bos, max_windows)
+    dev = next(model.parameters()).device
+
+    def logits_of(x):
+        return model(input_ids=x.to(dev), use_cache=False).logits
+
+    return _score(windows, logits_of, batch_size, "perplexity", progress, seq_len, source)
+
+
+def _windows(tokenizer, source: str, seq_len: int, add_bos: bool, max_windows: int | None):
     text = read_text(source)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id if add_bos else None
     if add_bos and bos is None:
         raise UsageError("--add-bos was given but the tokenizer has no BOS token")
-    windows = token_windows(ids, seq_len, bos, max_windows)
-    dev = next(model.parameters()).device
+    return token_windows(ids, seq_len, bos, max_windows)
+
+
+def _score(windows, logits_of, batch_size: int, desc: str, progress: bool, seq_len: int, source: str) -> Perplexity:
+    """exp(mean next-token NLL) of `windows`, with logits_of(batch of token ids) -> logits (a torch tensor)."""
     total, count = 0.0, 0
-    for s in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
-        x = windows[s : s + batch_size].to(dev)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum")
+    for s in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+        x = windows[s : s + batch_size]
+        logits = logits_of(x)[:, :-1].float()
+        target = x[:, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum")
         total += float(nll)
         count += x[:, 1:].numel()
     return Perplexity(math.exp(total / count), total / count, count, len(windows), seq_len, source)
@@ -134,28 +148,19 @@ def perplexity_onnx(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(find_onnx_model(onnx_dir).parent)
-    text = read_text(source)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id if add_bos else None
-    if add_bos and bos is None:
-        raise UsageError("--add-bos was given but the tokenizer has no BOS token")
-    windows = token_windows(ids, seq_len, bos, max_windows)
+    windows = _windows(tokenizer, source, seq_len, add_bos, max_windows)
     runner = load_ort_runner(onnx_dir, provider, threads)
-    total, count = 0.0, 0
+
+    def logits_of(x):
+        x = x.numpy()
+        pos = np.broadcast_to(np.arange(x.shape[1]), x.shape).copy()
+        logits, _ = runner.step(x, np.ones_like(x), pos, None)
+        return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+
     try:
-        for s in tqdm(range(0, len(windows), batch_size), desc="perplexity (onnx)", disable=not progress,
-                      leave=False):  # fmt: skip
-            x = windows[s : s + batch_size].numpy()
-            mask = np.ones_like(x)
-            pos = np.broadcast_to(np.arange(x.shape[1]), x.shape).copy()
-            logits, _ = runner.step(x, mask, pos, None)
-            lg = torch.from_numpy(np.ascontiguousarray(logits[:, :-1], dtype=np.float32))
-            nll = torch.nn.functional.cross_entropy(lg.transpose(1, 2), torch.from_numpy(x[:, 1:]), reduction="sum")
-            total += float(nll)
-            count += x[:, 1:].size
+        return _score(windows, logits_of, batch_size, "perplexity (onnx)", progress, seq_len, source)
     finally:
         runner.close()
-    return Perplexity(math.exp(total / count), total / count, count, len(windows), seq_len, source)
 
 
 def is_onnx_export(path) -> bool:
