@@ -45,8 +45,11 @@ setup-optimum: $(VENV_OPT)/.installed
 test-optimum: setup setup-optimum
 	$(PY_OPT) -m pytest -q --durations=5 tests/optimum
 
+# ruff check, ruff format (each remaining `# fmt: skip` is deliberate) and the layer contract in pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check shortened tests benchmarks
+	$(VENV)/bin/ruff format --check shortened tests benchmarks
+	$(VENV)/bin/lint-imports
 
 fetch: $(VENV)/.base
 	$(VENV)/bin/shortened fetch smollm2

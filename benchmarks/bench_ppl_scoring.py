@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from shortened.converter.calibration import CalibSpec, load_calibration
 from shortened.converter.criteria import ppl_scores, ppl_scores_naive, protected_blocks
-from shortened.converter.families import num_blocks
-from shortened.converter.loading import load_model
+from shortened.data import CalibSpec, load_calibration
+from shortened.model.families import num_blocks
+from shortened.model.loading import load_model
 
 DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "corpus_en.txt"
 

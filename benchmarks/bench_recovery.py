@@ -56,8 +56,8 @@ def heal(pruned: Path, out: Path, args) -> dict:
     """Retrain for a wall-clock budget (a callback stops the Trainer), then the held-out perplexity."""
     from transformers import TrainerCallback
 
-    from shortened.converter.loading import load_model
     from shortened.converter.retrain import retrain
+    from shortened.model.loading import load_model
     from shortened.validators.quality import perplexity
 
     class Budget(TrainerCallback):
@@ -98,12 +98,12 @@ def main() -> None:
 
     import torch
 
-    from shortened.converter.calibration import CalibSpec, load_calibration
     from shortened.converter.criteria import protected_blocks, score_blocks
-    from shortened.converter.loading import load_model
     from shortened.converter.recovery import DEFAULT_RIDGE, cache_hiddens, fit_recovery, needed_depths, variant_ppl
     from shortened.converter.selection import iterative_order, score_sets, spans
     from shortened.converter.sweep import eval_batch
+    from shortened.data import CalibSpec, load_calibration
+    from shortened.model.loading import load_model
 
     ridge = DEFAULT_RIDGE if args.ridge is None else args.ridge
     out: dict = {"threads": torch.get_num_threads(), "start": load()}

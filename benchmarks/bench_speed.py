@@ -96,7 +96,8 @@ def main() -> int:
     except ImportError:
         sys.exit("this benchmark compares against onnxruntime-genai: pip install onnxruntime-genai==0.18.0")
 
-    from shortened.validators.speed import ModelSpec, build_rows, ideal_speedup, measure, pairwise_speedups
+    from shortened.model.cost import ideal_speedup
+    from shortened.validators.speed import ModelSpec, build_rows, measure, pairwise_speedups
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,10 @@ def main() -> int:
     args = p.parse_args()
 
     from shortened.converter.steps import prune
-    from shortened.converter.width import count_params_of_config, width_prune
+    from shortened.converter.width import width_prune
     from shortened.exporters.onnx import export_onnx
     from shortened.exporters.quantize import quantize_export
+    from shortened.model.cost import count_params_of_config
     from shortened.validators.speed import _config, bench
 
     work = Path(args.work_dir)

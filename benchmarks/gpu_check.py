@@ -120,7 +120,8 @@ def variants(base: dict, smoke: bool) -> dict:
     """{name: config}: the original, depth-pruned by each ratio, width-pruned to each depth variant's count."""
     from transformers import LlamaConfig
 
-    from shortened.converter.width import count_params_of_config, plan_width
+    from shortened.converter.width import plan_width
+    from shortened.model.cost import count_params_of_config
 
     orig = LlamaConfig(**base, tie_word_embeddings=False)
     out = {"original": orig}
@@ -220,8 +221,8 @@ def decode_times(model, batch: int, prompt: int, new: int, reps: int, device: st
 def run_speed(args, deadline: float) -> list[dict]:
     import torch
 
-    from shortened.converter.width import count_params_of_config
-    from shortened.validators.speed import flops_per_token, summarize
+    from shortened.model.cost import count_params_of_config, flops_per_token
+    from shortened.validators.speed import summarize
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16

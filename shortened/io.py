@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UsageError
+from shortened.errors import UsageError
 
 MARKER = ".shortened-output.json"  # inside every output directory this tool completed
 
@@ -243,7 +243,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False, inputs=()):
 
 
 def write_marker(directory: str | os.PathLike) -> None:
-    from . import __version__
+    from shortened import __version__
 
     rec = {"tool": f"shortened {__version__}", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (Path(directory) / MARKER).write_text(json.dumps(rec) + "\n")
@@ -253,7 +253,7 @@ def write_marker(directory: str | os.PathLike) -> None:
 def atomic_file(out: str | os.PathLike, force: bool = False, inputs=()):
     """Yield a temporary path next to `out`; it becomes `out` when the block finishes, with a record beside it
     (`.NAME.shortened.json`: the sha256) that lets a later --force recognise it as this tool's output."""
-    from . import __version__
+    from shortened import __version__
 
     out = check_output(out, force, inputs, kind="file")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -383,3 +383,29 @@ def read_text_file(path: str | os.PathLike) -> str:
             f"{path} is not text: {bad / len(sample):.0%} of its characters are control characters; pass a text file"
         )
     return text
+
+
+_HUB_STATE: dict = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (cached per endpoint).
+
+    False in offline mode (HF_HUB_OFFLINE). Used before anything would ask the hub, so that a name that is
+    neither a local path nor reachable fails at once instead of after the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    if (host, port) not in _HUB_STATE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _HUB_STATE[(host, port)] = True
+        except OSError:
+            _HUB_STATE[(host, port)] = False
+    return _HUB_STATE[(host, port)]

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import GateFailed, UsageError
-from .io import (
+from shortened.errors import GateFailed, UsageError
+from shortened.io import (
     MARKER,
     check_no_overlap,
     check_output_dir,
@@ -112,9 +112,9 @@ class ConvertConfig:
 
     def validate(self) -> None:
         """Check the whole configuration before any heavy work (exit code 2 on the first problem)."""
-        from .converter.calibration import CalibSpec
-        from .converter.criteria import CRITERIA, DATA_DRIVEN
-        from .converter.loading import load_config
+        from shortened.converter.criteria import CRITERIA, DATA_DRIVEN
+        from shortened.data import CalibSpec
+        from shortened.model.loading import load_config
 
         if not self.model:
             raise UsageError("no model: pass --model DIR (or `model = ...` in the config)")
@@ -124,7 +124,7 @@ class ConvertConfig:
         check_output_dir(self.out, self.force, inputs=self.inputs())
         out = Path(self.out).resolve()
         check_no_overlap(out.with_name(f".{out.name}.partial"), self.inputs())
-        from .converter.loading import check_length
+        from shortened.model.loading import check_length
 
         if self.calib and self.criterion in DATA_DRIVEN and not self.blocks:
             check_length(model_config, self.seq_len, "--seq-len")
@@ -133,18 +133,18 @@ class ConvertConfig:
         if self.speed:
             check_length(model_config, self.prompt_len + self.new_tokens, "--prompt-len + --new-tokens:")
         check_length(model_config, 48 + self.parity_new_tokens, "parity's longest prompt (48) + --parity-new-tokens:")
-        from .validators.parity import tolerances_for
+        from shortened.validators.parity import tolerances_for
 
         tolerances_for(
             self.precision if self.precision in ("fp32", "fp16", "bf16") else "fp32", self.parity_tolerances or None
         )  # unknown tolerance names fail here, not after the export
-        from .converter.retrain import RetrainConfig
+        from shortened.converter.retrain import RetrainConfig
 
         known = {f.name for f in dataclasses.fields(RetrainConfig)} - {"load", "extra_args"}
         unknown = sorted(set(self.retrain_options) - known)
         if unknown:
             raise UsageError(f"unknown retrain_options {', '.join(unknown)}; see `shortened retrain --help`")
-        from .exporters.tensorrt import parse_range
+        from shortened.exporters.tensorrt import parse_range
 
         parse_range(self.trt_batch, "trt-batch")
         parse_range(self.trt_seq, "trt-seq")
@@ -159,7 +159,7 @@ class ConvertConfig:
                 raise UsageError("ratio = auto picks k by held-out perplexity: set max_ppl_ratio, eval_text and calib")
         elif not self.blocks and not self.remove and not 0 < self.ratio < 1:
             raise UsageError(f"ratio must be between 0 and 1 (exclusive) or auto, got {self.ratio}")
-        from .converter.selection import resolve
+        from shortened.converter.selection import resolve
 
         resolve(self.select, self.recover, load_config(self.model, self.trust_remote_code), bool(self.calib))
         if self.recover_calib and not Path(self.recover_calib).is_file():
@@ -174,7 +174,7 @@ class ConvertConfig:
         if bad or len(set(self.precisions)) != len(self.precisions):
             raise UsageError(f"precisions must be distinct, of fp32, fp16, bf16, int4, int8; got {self.precisions}")
         if any(p in ("int4", "int8") for p in self.all_precisions()) or self.quant_options:
-            from .exporters.onnx import _quant_options
+            from shortened.exporters.onnx import _quant_options
 
             for p in self.all_precisions():
                 if p in ("int4", "int8"):
@@ -188,7 +188,7 @@ class ConvertConfig:
         if self.parity_prompts and not Path(self.parity_prompts).is_file():
             raise UsageError(f"parity prompts file {self.parity_prompts} not found")
         if self.tensorrt == "on":
-            from .exporters.tensorrt import tensorrt_unavailable_reason
+            from shortened.runtime.tensorrt import tensorrt_unavailable_reason
 
             reason = tensorrt_unavailable_reason()
             if reason:
@@ -339,7 +339,7 @@ def _replace_dir(path: Path) -> Path:
 def _versions() -> dict:
     import importlib.metadata as md
 
-    from . import __version__
+    from shortened import __version__
 
     out = {"shortened": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
     for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "tensorrt", "peft"):
@@ -377,7 +377,7 @@ def _sweep_step(cfg, steps, say, work, model_fp, load, calib, calib_fp, plan, lo
                cfg.no_protect)  # fmt: skip
 
     def do_sweep():
-        from .converter.sweep import sweep
+        from shortened.converter.sweep import sweep
 
         res = sweep(cfg.model, cfg.eval_text, calib, cfg.sweep_max_remove or None, protect=cfg.protect,
                     no_protect=cfg.no_protect, eval_seq_len=cfg.eval_seq_len,
@@ -423,7 +423,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, say=None) -> dict:
         say(f"interrupted: the finished steps are kept in {work}; run the same command again to resume them")
         raise
     except OSError as e:  # disk full and the like, in a step that writes into the work directory
-        from .io import WRITE_ERRNOS, _write_failed
+        from shortened.io import WRITE_ERRNOS, _write_failed
 
         if e.errno in WRITE_ERRNOS:
             raise _write_failed(e, work, kept="the finished steps are kept and reused by the next run") from e
@@ -435,18 +435,18 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
     t_start = time.perf_counter()
     model_fp = fingerprint_path(cfg.model) if Path(cfg.model).exists() else {"hub_id": cfg.model}
     load = dict(dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    from .converter.loading import LoadOptions
+    from shortened.model.loading import LoadOptions
 
     load_opts = LoadOptions(cfg.dtype, cfg.device, cfg.trust_remote_code)
 
     # 1. score
-    from .converter.calibration import CalibSpec
-    from .converter.criteria import BlockScores
+    from shortened.converter.criteria import BlockScores
+    from shortened.data import CalibSpec
 
     calib = CalibSpec(cfg.calib, cfg.num_samples, cfg.seq_len, cfg.seed, cfg.add_bos) if cfg.calib else None
     calib_fp = fingerprint_path(cfg.calib) if cfg.calib and Path(cfg.calib).is_file() else {"source": cfg.calib}
-    from .converter.loading import load_config
-    from .converter.selection import resolve
+    from shortened.converter.selection import resolve
+    from shortened.model.loading import load_config
 
     select, _ = resolve(cfg.select, cfg.recover, load_config(cfg.model, cfg.trust_remote_code), bool(cfg.calib))
     fixed_ratio = None if cfg.ratio == "auto" else cfg.ratio
@@ -466,7 +466,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
     )
 
     def do_score():
-        from .converter.steps import save_scores, score
+        from shortened.converter.steps import save_scores, score
 
         s = score(
             cfg.model,
@@ -480,7 +480,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             load=load_opts,
             progress=progress,
         )
-        from .io import remove_output_file
+        from shortened.io import remove_output_file
 
         remove_output_file(work / "scores.json")  # the previous run's (its paths relocated by _relocate_text)
         save_scores(s, work / "scores.json", plot=False)
@@ -508,7 +508,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
                      recover_fp, sweep_key)  # fmt: skip
 
     def do_prune():
-        from .converter.steps import prune
+        from shortened.converter.steps import prune
 
         res = prune(
             cfg.model,
@@ -540,7 +540,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
         retrain_key = _key("retrain", prune_key, cfg.retrain, data_fp, cfg.retrain_steps, cfg.retrain_options)
 
         def do_retrain():
-            from .converter.retrain import retrain
+            from shortened.converter.retrain import retrain
 
             opts = {"max_steps": cfg.retrain_steps, **cfg.retrain_options}
             teacher = cfg.model if cfg.retrain == "distill" else None
@@ -569,11 +569,11 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
                                cfg.calib if quantized else None)  # fmt: skip
 
         def do_onnx(prec=prec, quantized=quantized, from_fp32=from_fp32):
-            from .exporters.onnx import export_onnx
+            from shortened.exporters.onnx import export_onnx
 
             target = _replace_dir(_onnx_dir(work, cfg, prec))
             if from_fp32:
-                from .exporters.quantize import quantize_export
+                from shortened.exporters.quantize import quantize_export
 
                 return quantize_export(_onnx_dir(work, cfg, "fp32"), target, prec, quant=dict(cfg.quant_options),
                                        calib=cfg.calib or None, force=True)  # fmt: skip
@@ -595,7 +595,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
     # 5. TensorRT, where TensorRT and a GPU are present
     trt_info = {"skipped": "tensorrt = off"} if cfg.tensorrt == "off" else None
     if trt_info is None:
-        from .exporters.tensorrt import tensorrt_unavailable_reason
+        from shortened.runtime.tensorrt import tensorrt_unavailable_reason
 
         reason = tensorrt_unavailable_reason()
         if reason:
@@ -605,7 +605,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             trt_key = _key("tensorrt", onnx_key, cfg.trt_batch, cfg.trt_seq)
 
             def do_trt():
-                from .exporters.tensorrt import export_tensorrt
+                from shortened.exporters.tensorrt import export_tensorrt
 
                 batch = tuple(int(x) for x in cfg.trt_batch.split(":"))
                 seq = tuple(int(x) for x in cfg.trt_seq.split(":"))
@@ -616,7 +616,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
                 quant = {"format": "qdq"} if prec == "int4" else None
                 prec = "fp32" if prec == "int8" else prec
                 if cfg.optimize or quant or prec != precisions[0]:
-                    from .exporters.onnx import export_onnx
+                    from shortened.exporters.onnx import export_onnx
 
                     source = _replace_dir(work / "onnx-portable")
                     export_onnx(str(final_dir), source, precision=prec, opset=cfg.opset or None,
@@ -633,7 +633,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
                           cfg.parity_tolerances, cfg.parity_prompts, cfg.calib)  # fmt: skip
 
         def do_parity(prec=prec, sfx=sfx):
-            from .validators.parity import validate_parity
+            from shortened.validators.parity import validate_parity
 
             prompts = cfg.parity_prompts or (cfg.calib if cfg.calib and Path(cfg.calib).suffix == ".txt" else None)
             rep = validate_parity(
@@ -668,8 +668,8 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
                            [onnx_keys[p] for p in precisions])  # fmt: skip
 
         def do_quality():
-            from .converter.loading import load_model
-            from .validators.quality import perplexity
+            from shortened.model.loading import load_model
+            from shortened.validators.quality import perplexity
 
             res = {}
             models = {"original": cfg.model, "pruned": str(work / "pruned")}
@@ -690,18 +690,25 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
                 say(f"[quality] {name}: perplexity {p.ppl:.2f} over {p.windows} windows of {p.seq_len}")
                 tokenizer = m.tokenizer
                 del m
-            from .validators.quality import perplexity_onnx
+            from shortened.validators.quality import perplexity_onnx
 
             for prec in precisions:  # the artifacts themselves, in onnxruntime
-                p = perplexity_onnx(_onnx_dir(work, cfg, prec), tokenizer, cfg.eval_text, cfg.eval_seq_len,
-                                    add_bos=cfg.add_bos, max_windows=cfg.eval_max_windows or None, progress=progress)
+                p = perplexity_onnx(
+                    _onnx_dir(work, cfg, prec),
+                    tokenizer,
+                    cfg.eval_text,
+                    cfg.eval_seq_len,
+                    add_bos=cfg.add_bos,
+                    max_windows=cfg.eval_max_windows or None,
+                    progress=progress,
+                )
                 res[f"onnx {prec}"] = {**p.to_dict(), "runtime": "onnxruntime"}
                 say(f"[quality] onnx {prec}: perplexity {p.ppl:.2f} (onnxruntime)")
             write_json(work / "quality.json", res)
             return res
 
         quality = _run_step(steps, "quality", quality_key, do_quality, say)
-        from .validators.quality import overlap_notes
+        from shortened.validators.quality import overlap_notes
 
         quality_notes = overlap_notes(cfg.eval_text, {"calibration": cfg.calib, "recovery calibration":
                                       cfg.recover_calib, "retraining": cfg.retrain_data})  # fmt: skip
@@ -728,8 +735,8 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
         )
 
         def do_speed():
-            from .io import remove_output_file
-            from .validators.speed import bench
+            from shortened.io import remove_output_file
+            from shortened.validators.speed import bench
 
             for name in ("speed.json", "speed.png"):  # the previous run's (relocated) reports
                 remove_output_file(work / name)
@@ -753,7 +760,8 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
                 optimize=cfg.optimize,
                 onnx_dirs={"candidate": str(work / "onnx")} if cfg.speed_backend == "onnxruntime" else None,
                 extra_candidates={f"candidate-{p}": str(_onnx_dir(work, cfg, p)) for p in precisions[1:]}
-                if cfg.speed_backend == "onnxruntime" else None,
+                if cfg.speed_backend == "onnxruntime"
+                else None,
                 work_dir=work / "speed-work",
                 report=work / "speed.json",
                 plot=work / "speed.png",
@@ -764,8 +772,8 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             return {b: {n: rep.decode_speedup(b, n) for n in rep.models if n != "original"} for b in cfg.batch_sizes}
 
         if Path(cfg.model).suffix == ".gguf" and not (work / "original").exists():
-            from .converter.checkpoint import save_checkpoint
-            from .converter.loading import load_model
+            from shortened.model.checkpoint import save_checkpoint
+            from shortened.model.loading import load_model
 
             m = load_model(cfg.model, load_opts)
             save_checkpoint(m.model, m.tokenizer, work / "original")
@@ -773,7 +781,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
 
     # gates, manifest, report
     gates = evaluate_gates(cfg, parity, quality, work)
-    from .plots import plot_block_scores
+    from shortened.plots import plot_block_scores
 
     if scores is not None:
         plot_block_scores(scores, work / "scores.png", removed=pruned["removed"])

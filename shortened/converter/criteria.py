@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UsageError
-from .families import blocks_of, family_for, get_path
+from shortened.errors import UsageError
+from shortened.model.families import blocks_of, family_for, get_path
 
 CRITERIA = ("ppl", "taylor", "magnitude", "bi")
 DATA_DRIVEN = ("ppl", "taylor", "bi")
@@ -251,7 +251,9 @@ def _score_current(model, criterion, batch, candidates, micro_batch, progress):
     if criterion == "ppl":
         d, base = ppl_scores(model, batch, candidates, micro_batch, progress)
         return [d.get(i) for i in range(n)], base
-    from . import offload  # weights offloaded by accelerate (--max-memory): gradients need them loaded for real
+    from shortened.converter import (
+        offload,  # weights offloaded by accelerate (--max-memory): gradients need them loaded for real
+    )
 
     if criterion == "taylor":
         taylor = offload.taylor_scores_offloaded if offload.is_offloaded(model) else taylor_scores
@@ -277,7 +279,7 @@ def score_blocks(
 ) -> BlockScores:
     """Score every block of `model`. Iterative mode modifies a copy of the model, never `model` itself; with the
     ppl criterion it reuses cached passes (selection.iterative_order; `reuse=False`: rescore from scratch)."""
-    from .pruning import remove_blocks
+    from shortened.model.blocks import remove_blocks
 
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -304,8 +306,8 @@ def score_blocks(
     if num_remove > len(candidates):
         raise UsageError(f"cannot remove {num_remove} blocks: only {len(candidates)} are not protected")
     if criterion == "ppl" and reuse:
-        from .recovery import cache_hiddens
-        from .selection import iterative_order
+        from shortened.converter.recovery import cache_hiddens
+        from shortened.converter.selection import iterative_order
 
         cache = cache_hiddens(model, batch, micro_batch)
         order, steps, base0 = iterative_order(model, cache, candidates, num_remove, progress)

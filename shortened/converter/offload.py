@@ -16,8 +16,8 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from .criteria import _micro_batches, capture_block_inputs, run_block, tail_logits
-from .families import blocks_of
+from shortened.converter.criteria import _micro_batches, capture_block_inputs, run_block, tail_logits
+from shortened.model.families import blocks_of
 
 
 def is_offloaded(model) -> bool:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UsageError
-from .families import blocks_of, family_for, get_path
-from .recovery import runs_of
+from shortened.converter.recovery import runs_of
+from shortened.errors import UsageError
+from shortened.model.families import blocks_of, family_for, get_path
 
 
 def pruning_record(model_dir: str) -> dict:

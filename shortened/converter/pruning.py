@@ -6,43 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
-from ..errors import UsageError
-from .families import blocks_of, family_for, get_path, num_blocks, set_path
+from shortened.errors import UsageError
+from shortened.model.blocks import remove_blocks
+from shortened.model.families import num_blocks
 
 log = logging.getLogger(__name__)
-
-
-def remove_blocks(model, indices) -> None:
-    """Remove blocks (current numbering) in place, and fix the config and per-block indices to match."""
-    fam = family_for(model.config)
-    blocks = blocks_of(model)
-    n = len(blocks)
-    drop = set(indices)
-    keep = [i for i in range(n) if i not in drop]
-    set_path(model, fam.blocks, torch.nn.ModuleList([blocks[i] for i in keep]))
-    for new_idx, block in enumerate(blocks_of(model)):
-        for attr in fam.layer_idx_attrs:
-            owner, _, name = attr.rpartition(".")
-            target = get_path(block, owner) if owner else block
-            if hasattr(target, name):
-                setattr(target, name, new_idx)
-    prune_config(model.config, keep, n)
-
-
-def prune_config(cfg, keep: list[int], n: int) -> None:
-    """Fix a config for the kept blocks (original numbering) of n: the layer count, per-block lists, thresholds."""
-    fam = family_for(cfg)
-    setattr(cfg, fam.num_layers_key, len(keep))
-    for key in fam.per_layer_lists:
-        value = getattr(cfg, key, None)
-        if isinstance(value, (list, tuple)) and len(value) == n:
-            setattr(cfg, key, [value[i] for i in keep])
-    for key in fam.layer_count_thresholds:
-        value = getattr(cfg, key, None)
-        if isinstance(value, int):
-            setattr(cfg, key, sum(1 for i in keep if i < value))
 
 
 def choose_blocks(
@@ -95,8 +63,8 @@ def prune_model(model, removed: list[int]):
 def write_pruning_record(
     out_dir: Path, source: str, n_blocks: int, removed: list[int], scores=None, selection=None
 ) -> None:
-    from .. import __version__
-    from ..io import write_json
+    from shortened import __version__
+    from shortened.io import write_json
 
     rec = {
         "tool": f"shortened {__version__}",
@@ -118,7 +86,7 @@ def write_pruning_record(
 
 
 def load_scores(path) -> BlockScores:  # noqa: F821
-    from .criteria import BlockScores
+    from shortened.converter.criteria import BlockScores
 
     p = Path(path)
     if not p.is_file():

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UsageError
-from .criteria import _micro_batches, nll_sum, run_block, tail_logits
-from .families import blocks_of, family_for, get_path
+from shortened.converter.criteria import _micro_batches, nll_sum, run_block, tail_logits
+from shortened.errors import UsageError
+from shortened.model.families import blocks_of, family_for, get_path
 
 RECOVER = ("auto", "none", "linear")  # auto: linear where there is calibration text and the family allows it
 # fitting windows (of --seq-len tokens). SmolLM2, span 12-17, WikiText-2 held out: 32 -> 110.2, 64 -> 109.4,

@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
-from .loading import LoadOptions
+from shortened.errors import UsageError
+from shortened.model.loading import LoadOptions
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def distill_loss(student_logits, teacher_logits, labels, temperature=2.0, kd_wei
     mean over the positions that have a label), plus ce_weight * cross-entropy on the labels."""
     import torch.nn.functional as F
 
-    from .retrain_data import IGNORE
+    from shortened.converter.retrain_data import IGNORE
 
     y = labels[:, 1:]
     keep = y != IGNORE
@@ -192,7 +192,7 @@ def _final_step_callback():
 def _initial_val_callback(path: Path):
     from transformers import TrainerCallback
 
-    from ..io import write_json
+    from shortened.io import write_json
 
     class KeepInitialValLoss(TrainerCallback):
         """The validation loss before training (eval_on_start), kept on disk so that a resumed run reports it.
@@ -298,10 +298,10 @@ def retrain(
     """
     from transformers import AutoModelForCausalLM, Trainer
 
-    from ..io import atomic_dir, check_output_dir, write_json
-    from .checkpoint import save_checkpoint
-    from .loading import load_model
-    from .retrain_data import Collator, ExampleDataset, build_examples, split_heldout
+    from shortened.converter.retrain_data import Collator, ExampleDataset, build_examples, split_heldout
+    from shortened.io import atomic_dir, check_output_dir, write_json
+    from shortened.model.checkpoint import save_checkpoint
+    from shortened.model.loading import load_model
 
     cfg = dataclasses.replace(config or RetrainConfig(), **options)
     for k, v in (("method", method), ("data", data), ("teacher", teacher)):
@@ -311,10 +311,10 @@ def retrain(
     inputs = {"model": model, "teacher": cfg.teacher, "data": cfg.data, "validation data": cfg.val_data}
     out = check_output_dir(out, force, inputs)
     work = checkpoints_dir(out)
-    from ..io import check_no_overlap
+    from shortened.io import check_no_overlap
 
     check_no_overlap(work, inputs)
-    from .loading import check_length, load_config
+    from shortened.model.loading import check_length, load_config
 
     check_length(load_config(model, cfg.load.trust_remote_code), cfg.seq_len, "--seq-len")
     have_ckpt = work.is_dir() and any(work.glob("checkpoint-*"))
@@ -326,7 +326,7 @@ def retrain(
         log.warning("--resume: no checkpoint in %s, starting from the beginning", work)
     partial_pairs = None
     if cfg.method == "partial":
-        from .partial import neighbour_blocks, pruning_record
+        from shortened.converter.partial import neighbour_blocks, pruning_record
 
         partial_pairs = neighbour_blocks(pruning_record(model))
         if cfg.partial_mse < 0:
@@ -342,7 +342,7 @@ def retrain(
             diff = [k for k in now if k not in ("resume", "keep_checkpoints") and before.get(k) != now[k]]
             if diff:
                 raise UsageError(f"--resume with different options than the interrupted run ({', '.join(diff)})")
-    from .retrain_data import check_local_data
+    from shortened.converter.retrain_data import check_local_data
 
     check_local_data(cfg.data, cfg.data_format, cfg.text_field)
     check_local_data(cfg.val_data, cfg.data_format, cfg.text_field)
@@ -391,7 +391,7 @@ def retrain(
         )
         net = peft.get_peft_model(net, lora)
     if partial_pairs is not None:
-        from .partial import freeze_for_partial
+        from shortened.converter.partial import freeze_for_partial
 
         freeze_for_partial(net, [p for p, _ in partial_pairs], cfg.partial_head)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -420,7 +420,7 @@ def retrain(
             ce_weight=cfg.ce_weight,
         )  # fmt: skip
     elif cfg.method == "partial" and cfg.partial_mse > 0:
-        from .partial import partial_trainer_class
+        from shortened.converter.partial import partial_trainer_class
 
         teacher_model = load_model(teacher_src, cfg.load, tokenizer=False).model
         trainer = partial_trainer_class()(**common, teacher=teacher_model, pairs=partial_pairs,

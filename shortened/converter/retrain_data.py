@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..errors import UsageError
+from shortened.errors import UsageError
 
 IGNORE = -100  # label value the loss skips (the Hugging Face convention)
 FORMATS = ("auto", "text", "alpaca")
@@ -29,7 +29,7 @@ ALPACA_PROMPT_NO_INPUT = (
 
 def read_records(source: str, split: str = "train", text_field: str = "text") -> tuple[list, dict]:
     """(records, provenance): records are strings (plain text) or dicts (JSONL rows / dataset rows)."""
-    from ..io import read_jsonl, read_text_file, sha256_file
+    from shortened.io import read_jsonl, read_text_file, sha256_file
 
     path = Path(source)
     if path.is_file():
@@ -41,7 +41,7 @@ def read_records(source: str, split: str = "train", text_field: str = "text") ->
     looks_local = source.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json")
     if looks_local and not source.startswith("hf:"):
         raise UsageError(f"data file {source} not found; pass a .txt or .jsonl file or a dataset name (hf:NAME)")
-    from .loading import load_hf_dataset
+    from shortened.data import load_hf_dataset
 
     name, _, config = source.removeprefix("hf:").partition(":")
     ds = load_hf_dataset(name, config or None, split)  # offline: a cached copy or one line

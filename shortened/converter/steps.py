@@ -5,17 +5,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import UsageError
-from ..io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
-from . import surgery
-from .calibration import CalibSpec, load_calibration
-from .checkpoint import save_checkpoint
-from .criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
-from .families import num_blocks
-from .loading import Loaded, LoadOptions, check_length, load_config, load_model
-from .pruning import check_scores_match, choose_blocks, load_scores, remove_blocks, write_pruning_record
-from .recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, fold
-from .selection import check_plan, plan_removal
+from shortened.converter import surgery
+from shortened.converter.criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
+from shortened.converter.pruning import check_scores_match, choose_blocks, load_scores, write_pruning_record
+from shortened.converter.recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, fold
+from shortened.converter.selection import check_plan, plan_removal
+from shortened.data import CalibSpec, load_calibration
+from shortened.errors import UsageError
+from shortened.io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
+from shortened.model.blocks import remove_blocks
+from shortened.model.checkpoint import save_checkpoint
+from shortened.model.families import num_blocks
+from shortened.model.loading import Loaded, LoadOptions, check_length, load_config, load_model
 
 log = logging.getLogger(__name__)
 # prune's defaults: selection (top-k and spans) and linear recovery wherever there is --calib; without it, as before.
@@ -109,7 +110,7 @@ def save_scores(result: BlockScores, out: str | Path, plot: bool = True, force: 
     with atomic_file(out, force) as tmp:
         write_json(tmp, result.to_dict(), atomic=False)
     if plot:
-        from ..plots import plot_block_scores
+        from shortened.plots import plot_block_scores
 
         with atomic_file(out.with_suffix(".png"), force) as tmp:
             plot_block_scores(result, tmp, removed=None if not result.iterative else result.removal_order)
@@ -219,7 +220,7 @@ def prune(
         write_pruning_record(tmp, src, n, removed, scores, selection)
         if scores is not None:
             write_json(tmp / "scores.json", scores.to_dict())
-            from ..plots import plot_block_scores
+            from shortened.plots import plot_block_scores
 
             plot_block_scores(scores, tmp / "scores.png", removed=removed)
     res = {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import make_config_portable
-from .families import family_for, num_blocks
-from .loading import LoadOptions, load_config, load_tokenizer, torch_dtype
-from .loading import _check_weight_files as check_weight_files
-from .pruning import prune_config
+from shortened.model.blocks import prune_config
+from shortened.model.checkpoint import make_config_portable
+from shortened.model.families import family_for, num_blocks
+from shortened.model.loading import LoadOptions, load_config, load_tokenizer, torch_dtype
+from shortened.model.loading import _check_weight_files as check_weight_files
 
 log = logging.getLogger(__name__)
 

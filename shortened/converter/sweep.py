@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UsageError
-from .calibration import CalibBatch, CalibSpec, load_calibration
-from .criteria import protected_blocks
-from .families import family_for, num_blocks
-from .recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, cache_hiddens, check_recoverable, variant_ppl
-from .selection import candidate_sets, check_plan, fit_depths, iterative_order, score_sets
+from shortened.converter.criteria import protected_blocks
+from shortened.converter.recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, cache_hiddens, check_recoverable, variant_ppl
+from shortened.converter.selection import candidate_sets, check_plan, fit_depths, iterative_order, score_sets
+from shortened.data import CalibBatch, CalibSpec, load_calibration
+from shortened.errors import UsageError
+from shortened.model.families import family_for, num_blocks
 
 
 def eval_batch(tokenizer, source: str, seq_len: int = 128, max_windows: int | None = None, add_bos=None, config=None):
     """quality.perplexity's windows as a batch (every position real)."""
-    from ..validators.quality import read_text, token_windows
+    from shortened.data import read_text, token_windows
 
     if add_bos is None:
         add_bos = family_for(config).needs_bos if config is not None else False
@@ -36,7 +36,7 @@ def eval_batch(tokenizer, source: str, seq_len: int = 128, max_windows: int | No
 
 
 def _ideal(config, k: int, context: int) -> float:
-    from ..validators.speed import ideal_speedup
+    from shortened.model.cost import ideal_speedup
 
     pruned = copy.deepcopy(config)
     setattr(pruned, family_for(config).num_layers_key, num_blocks(config) - k)
@@ -79,8 +79,8 @@ def sweep(
     """Rows for k = 1..k_max (default: 40% of the blocks, at most the unprotected ones): the chosen set, its
     calibration perplexity, held-out perplexity without and with recovery, its ratio and the ideal speedup.
     With `out`: sweep.json, sweep.md and sweep.png there. With max_ppl_ratio: "picked_k" (pick_k)."""
-    from ..io import atomic_dir, check_output_dir
-    from .loading import Loaded, load_config, load_model
+    from shortened.io import atomic_dir, check_output_dir
+    from shortened.model.loading import Loaded, load_config, load_model
 
     src = model.source if isinstance(model, Loaded) else str(model)
     rc = recover_calib.source if isinstance(recover_calib, CalibSpec) else recover_calib
@@ -186,7 +186,7 @@ def table(res: dict) -> str:
 
 
 def write_sweep(res: dict, out: Path) -> None:
-    from ..io import write_json
+    from shortened.io import write_json
 
     out = Path(out)
     write_json(out / "sweep.json", res)
@@ -195,7 +195,7 @@ def write_sweep(res: dict, out: Path) -> None:
 
 
 def plot_sweep(res: dict, path) -> Path | None:
-    from ..plots import _plt
+    from shortened.plots import _plt
 
     plt = _plt()
     if plt is None:

@@ -19,26 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
-from .families import blocks_of
+from shortened.errors import UsageError
+from shortened.model.cost import count_params, count_params_of_config
+from shortened.model.families import blocks_of
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2")
-
-
-def count_params(model) -> int:
-    """Parameters of a model, tied weights counted once (what `sum(p.numel() for p in model.parameters())` says)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_params_of_config(config) -> int:
-    """Parameter count of the model a config describes, without allocating its weights."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return count_params(model)
 
 
 def _dims(config) -> dict:
@@ -218,7 +205,7 @@ def target_params_of(target) -> int:
     """An int, or a checkpoint directory whose parameter count is the target."""
     if isinstance(target, int):
         return target
-    from .loading import load_config
+    from shortened.model.loading import load_config
 
     return count_params_of_config(load_config(str(target)))
 
@@ -236,9 +223,9 @@ def width_prune(
 
     Returns {"out", "params", "target_params", "original_params", "kv_groups", "intermediate_size"}.
     """
-    from ..io import atomic_dir, check_output_dir, write_json
-    from .checkpoint import save_checkpoint
-    from .loading import Loaded, load_config, load_model
+    from shortened.io import atomic_dir, check_output_dir, write_json
+    from shortened.model.checkpoint import save_checkpoint
+    from shortened.model.loading import Loaded, load_config, load_model
 
     src = model.source if isinstance(model, Loaded) else str(model)
     inputs = {"model": src, "parameter-count model": target_params if isinstance(target_params, (str, Path)) else None}

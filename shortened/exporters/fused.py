@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..converter.families import family_for
-from . import ort_ops  # noqa: F401  (registers torch.ops.shortened.*)
+from shortened.exporters import ort_ops  # noqa: F401  (registers torch.ops.shortened.*)
+from shortened.model.families import family_for
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # the inverse frequencies do not depend on the length
 

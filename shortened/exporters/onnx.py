@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import UsageError
+from shortened.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 def cache_geometry(config) -> tuple[int, int, int, int]:
     """(num_layers, num_attention_heads, num_key_value_heads, head_dim) of a supported family's config."""
-    from ..converter.families import num_blocks
+    from shortened.model.families import num_blocks
 
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -137,8 +137,8 @@ def _trace(model, cache: bool, opset: int | None, fused: bool = False):
     past_names, present_names = kv_names(n_layers) if cache else ([], [])
     kwargs = dict(opset_version=opset) if opset else {}
     if fused:
-        from .fused import FusedCausalLM
-        from .ort_ops import translation_table
+        from shortened.exporters.fused import FusedCausalLM
+        from shortened.exporters.ort_ops import translation_table
 
         wrapper = FusedCausalLM(model).eval()
         kwargs["custom_translation_table"] = translation_table()
@@ -215,7 +215,7 @@ def _torch_stepper(model):
     import numpy as np
     import torch
 
-    from ..validators.runners.base import position_ids_from_mask
+    from shortened.runtime.base import position_ids_from_mask
 
     def step(ids, mask, pos, state):
         full = ids if state is None else np.concatenate([state, ids], 1)
@@ -235,7 +235,7 @@ def padded_batch_check(reference, candidate, config, steps: int = 2, seed: int =
     second row padded by 3), then `steps` cached decode steps."""
     import numpy as np
 
-    from ..validators.runners.base import position_ids_from_mask
+    from shortened.runtime.base import position_ids_from_mask
 
     rng = np.random.default_rng(seed)
     runs = [_onnx_stepper(Path(x), config) if isinstance(x, (str, Path)) else _torch_stepper(x)
@@ -410,8 +410,8 @@ def genai_config(config, generation_config=None, filename: str = ONNX_FILE, cach
 
 
 def _write_side_files(staging: Path, model, tokenizer, cache: bool, fused: bool = False) -> None:
-    from ..converter.checkpoint import make_config_portable
-    from ..io import write_json
+    from shortened.io import write_json
+    from shortened.model.checkpoint import make_config_portable
 
     model.config.save_pretrained(staging)
     make_config_portable(staging)
@@ -481,8 +481,8 @@ def export_onnx(
     """
     from tqdm import tqdm
 
-    from ..converter.loading import Loaded, LoadOptions, load_config, load_model, torch_dtype
-    from ..io import atomic_dir, check_output_dir, write_json
+    from shortened.io import atomic_dir, check_output_dir, write_json
+    from shortened.model.loading import Loaded, LoadOptions, load_config, load_model, torch_dtype
 
     _check_args(precision, opset, exporter, optimize, external_data_threshold)
     qopts = _quant_options(precision, quant, optimize, calib)
@@ -514,7 +514,7 @@ def export_onnx(
         torch_model = copy.deepcopy(torch_model).to(dtype)
     fused_reason = None
     if optimize:
-        from .fused import unsupported_reason
+        from shortened.exporters.fused import unsupported_reason
 
         fused_reason = unsupported_reason(torch_model) if cache else "a graph without KV cache"
     try:
@@ -555,7 +555,7 @@ def export_onnx(
 
 def _quant_options(precision, quant, optimize, calib):
     """The QuantOptions of an int4/int8 export (None for float precisions), checked before any work."""
-    from .quantize import BITS, QuantOptions
+    from shortened.exporters.quantize import BITS, QuantOptions
 
     if precision not in QUANTIZED:
         if quant:
@@ -584,7 +584,7 @@ def _quantize(staging, onnx_model, torch_model, tokenizer, precision, opts, cali
     parity judges it)."""
     import onnx_ir
 
-    from .quantize import BITS, WindowReader, calibration_windows, quantize_proto
+    from shortened.exporters.quantize import BITS, WindowReader, calibration_windows, quantize_proto
 
     t0 = time.perf_counter()
     proto = onnx_ir.to_proto(onnx_ir.external_data.load_to_model(onnx_model))
@@ -645,8 +645,8 @@ def _summary(staging, out, onnx_model, exporter, precision, cache, n_layers, t0,
 def _export_optimum(model, out, precision, opset, cache, optimize, force, threshold, t0) -> dict:
     import onnx_ir
 
-    from ..converter.loading import Loaded, load_config
-    from ..io import atomic_dir, write_json
+    from shortened.io import atomic_dir, write_json
+    from shortened.model.loading import Loaded, load_config
 
     try:
         from optimum.exporters.onnx import main_export

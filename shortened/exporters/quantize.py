@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from ..errors import UsageError
+from shortened.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,11 @@ def _unfuse_head(graph, inits: dict) -> int:
         if n.op_type != "FusedMatMul" or len(n.input) != 2 or n.input[1] not in inits:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or any(
-            attrs.get(k, 0) for k in ("transBatchA", "transBatchB")
+        if (
+            attrs.get("transB") != 1
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or any(attrs.get(k, 0) for k in ("transBatchA", "transBatchB"))
         ):
             continue
         w = numpy_helper.to_array(inits[n.input[1]])
@@ -325,8 +328,9 @@ def _integer_zero_points(graph, bits: int, block: int) -> int:
         n.output[0] = f"{base}/int"
         extra = [
             helper.make_node("Reshape", [n.input[0], f"{base}/blocks"], [f"{base}/xb"], name=f"{base}/Reshape"),
-            helper.make_node("ReduceSum", [f"{base}/xb", f"{base}/axis"], [f"{base}/xs"], keepdims=0,
-                             name=f"{base}/ReduceSum"),
+            helper.make_node(
+                "ReduceSum", [f"{base}/xb", f"{base}/axis"], [f"{base}/xs"], keepdims=0, name=f"{base}/ReduceSum"
+            ),
             helper.make_node("MatMul", [f"{base}/xs", f"{base}/offset"], [f"{base}/corr"], name=f"{base}/MatMul"),
             helper.make_node("Add", [f"{base}/int", f"{base}/corr"], [out], name=f"{base}/Add"),
         ]
@@ -370,7 +374,7 @@ class WindowReader:
     def __init__(self, windows, config, has_cache: bool = True):
         import numpy as np
 
-        from .onnx import cache_geometry, kv_names
+        from shortened.exporters.onnx import cache_geometry, kv_names
 
         n_layers, _, kv, head_dim = cache_geometry(config)
         self.feeds = []
@@ -401,15 +405,12 @@ class WindowReader:
 
 def calibration_windows(calib: str, tokenizer, num_samples: int = 10, seq_len: int = 128, seed: int = 0):
     """Token windows from the calibration set (converter.calibration), for GPTQ."""
-    from ..converter.calibration import CalibSpec, load_calibration
+    from shortened.data import CalibSpec, load_calibration
 
     spec = CalibSpec(calib, num_samples, seq_len, seed)
     spec.validate()
     batch = load_calibration(spec, tokenizer)
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask)]
-
-
-
 
 
 def quantize_export(onnx_dir, out, precision: str = "int4", quant=None, calib: str | None = None,
@@ -425,8 +426,8 @@ def quantize_export(onnx_dir, out, precision: str = "int4", quant=None, calib: s
     import onnx_ir
     from transformers import AutoConfig
 
-    from ..io import atomic_dir, check_output_dir, write_json
-    from .onnx import DATA_FILE, ONNX_FILE, RECORD_FILE, _quant_options, _save
+    from shortened.exporters.onnx import DATA_FILE, ONNX_FILE, RECORD_FILE, _quant_options, _save
+    from shortened.io import atomic_dir, check_output_dir, write_json
 
     src = Path(onnx_dir)
     record = json.loads((src / RECORD_FILE).read_text()) if (src / RECORD_FILE).is_file() else {}
@@ -466,6 +467,7 @@ def quantize_export(onnx_dir, out, precision: str = "int4", quant=None, calib: s
                    "quantization": qrec}  # fmt: skip
         write_json(staging / RECORD_FILE, {**summary, "versions": record.get("versions")})
     return summary
+
 
 __all__ = ["BITS", "METHODS", "QuantOptions", "WindowReader", "calibration_windows", "quantize_export",
            "quantize_proto"]  # fmt: skip

@@ -26,17 +26,21 @@ import shlex
 import time
 from pathlib import Path
 
-from ..errors import UsageError
-from ..io import atomic_dir, write_json
+from shortened.errors import UsageError
+from shortened.io import atomic_dir, write_json
+from shortened.runtime.tensorrt import (
+    MIN_TENSORRT,
+    require_tensorrt,
+    tensorrt_unavailable_reason,
+    version_tuple,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = (1, 8, 32)
 DEFAULT_SEQ = (1, 128, 2048)
 DEFAULT_WORKSPACE_GB = 4.0
-MIN_TENSORRT = (10, 0)
 DEFAULT_TARGET = "10.15"  # the op table below is TensorRT 10.15's; used when TensorRT is absent and none is named
-INSTALL_HINT = "install it with `pip install tensorrt` (TensorRT 10 or 11) on a machine with an NVIDIA GPU and driver"
 PRECISIONS = {"fp32": 1, "fp16": 10, "bf16": 16}  # name -> ONNX TensorProto elem type
 _ELEM_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 6: "int32", 7: "int64", 9: "bool"}
 _ELEM_BYTES = {1: 4, 10: 2, 16: 2, 11: 8}
@@ -256,14 +260,6 @@ def shape_spec(profile: dict, point: str) -> str:
 # ---------------------------------------------------------------------------------------------- pre-flight
 
 
-def _version_tuple(v: str | None) -> tuple[int, int]:
-    try:
-        major, minor = (str(v).split(".") + ["0"])[:2]
-        return int(major), int(minor)
-    except ValueError:
-        raise UsageError(f"TensorRT version must look like 10.15 or 11.0, got {v!r}") from None
-
-
 def installed_tensorrt_version() -> str | None:
     try:
         import tensorrt as trt
@@ -284,7 +280,7 @@ def _walk_nodes(graph):
 
 def op_support(model, trt_version: str) -> dict:
     """{"ops": {op: count}, "unsupported": {op: reason}} of a graph for one TensorRT version."""
-    version = _version_tuple(trt_version)
+    version = version_tuple(trt_version)
     functions = {(f.domain, f.name) for f in model.functions}
     nodes = list(_walk_nodes(model.graph))
     for f in model.functions:  # local functions are inlined by the parser: their bodies count
@@ -334,7 +330,7 @@ def blocked_qdq_problems(model, trt_version: str) -> list[str]:
             if zp is None or w.data_type == 21 or numpy_helper.to_array(zp).any():
                 problems.add("asymmetric weights (zero points): TensorRT takes symmetric quantization only; "
                              "export int4 without --asymmetric")  # fmt: skip
-    if found and _version_tuple(trt_version) < (10, 0):
+    if found and version_tuple(trt_version) < (10, 0):
         problems.add(f"INT4 block-quantized weights need TensorRT 10.0 or later, targeted {trt_version}")
     return sorted(problems)
 
@@ -421,9 +417,9 @@ def preflight(onnx_path, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precision: str | 
     target = trt_version or installed or DEFAULT_TARGET
     problems, warnings = [], []
 
-    if _version_tuple(target) < MIN_TENSORRT:
+    if version_tuple(target) < MIN_TENSORRT:
         problems.append(f"TensorRT {target} is older than 10.0, which strongly typed LLM engines need; use 10 or 11")
-    if installed and trt_version and _version_tuple(installed) != _version_tuple(trt_version):
+    if installed and trt_version and version_tuple(installed) != version_tuple(trt_version):
         warnings.append(f"checked against TensorRT {trt_version} but {installed} is installed")
 
     opset = _onnx_opset(model)
@@ -504,48 +500,6 @@ def trtexec_command(onnx_path, engine_path, profile: dict, workspace_gb: float =
 
 
 # ---------------------------------------------------------------------------------------------- TensorRT itself
-
-
-def tensorrt_unavailable_reason(runtime: bool = False) -> str | None:
-    """None when TensorRT (10+) and a GPU it can use are here; otherwise one line saying what is missing and how
-    to get it. runtime=True also needs torch with CUDA (the runner's device buffers are torch CUDA tensors)."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return f"TensorRT is not installed (no `tensorrt` Python package): {INSTALL_HINT}"
-    except OSError as e:  # the package is there but its CUDA libraries are not
-        return f"TensorRT is installed but its libraries failed to load ({e}): {INSTALL_HINT}"
-    version = getattr(trt, "__version__", "0.0")
-    if _version_tuple(version) < MIN_TENSORRT:
-        return f"TensorRT {version} is too old (10.0 or newer needed): pip install -U tensorrt"
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
-    if has_cuda:
-        return None
-    if runtime:
-        return (
-            "no CUDA GPU visible to torch (torch.cuda.is_available() is False): the TensorRT runner needs an "
-            "NVIDIA GPU and a CUDA build of torch"
-        )
-    try:  # no CUDA torch: ask TensorRT itself whether it can reach a GPU
-        ok = trt.Builder(trt.Logger(trt.Logger.ERROR)) is not None
-    except Exception:
-        ok = False
-    return None if ok else "no NVIDIA GPU usable by TensorRT (CUDA initialization failed): run on a machine with one"
-
-
-def require_tensorrt(runtime: bool = False):
-    """Import and return the tensorrt module, or raise UsageError (exit 2) with the one-line reason."""
-    reason = tensorrt_unavailable_reason(runtime)
-    if reason:
-        raise UsageError(reason)
-    import tensorrt as trt
-
-    return trt
 
 
 def _device_info() -> dict:
@@ -641,7 +595,7 @@ def export_tensorrt(onnx_dir, out, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precisi
     """
     onnx_path, meta = resolve_onnx(onnx_dir)
     if out and not check_only:  # before the pre-flight: an output over its own input is refused first
-        from ..io import check_output_dir
+        from shortened.io import check_output_dir
 
         check_output_dir(out, force, inputs={"ONNX export": onnx_path.parent})
     if not workspace_gb or workspace_gb <= 0:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
-from .runners.base import greedy_generate
+from shortened.errors import UsageError
+from shortened.runtime.base import greedy_generate
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def read_prompt_ids(tokenizer, prompts_file, min_tokens: int, max_chars: int = 2
         if prompts_file is None:
             return None, "the reference has no tokenizer: random token ids only"
         raise UsageError(f"the reference model has no tokenizer, so the prompts in {path} cannot be tokenized")
-    from ..io import read_text_file
+    from shortened.io import read_text_file
 
     text = read_text_file(path)[:max_chars]
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
@@ -392,10 +392,10 @@ def validate_parity(
     """
     from tqdm.auto import tqdm
 
-    from ..converter.families import num_blocks
-    from ..converter.loading import Loaded, load_config, load_model
-    from .runners.onnxruntime import find_onnx_model, load_ort_runner
-    from .runners.torch_runner import TorchRunner
+    from shortened.model.families import num_blocks
+    from shortened.model.loading import Loaded, load_config, load_model
+    from shortened.runtime.onnxruntime import find_onnx_model, load_ort_runner
+    from shortened.runtime.torch_runner import TorchRunner
 
     batch_sizes = _check_ints("batch sizes", batch_sizes)
     seq_lens = _check_ints("sequence lengths", seq_lens)
@@ -410,12 +410,12 @@ def validate_parity(
         ref_name = str(reference)
         ref_config = load_config(ref_name)  # a missing model or an unsupported architecture fails before any weights
         loaded = None
-    from ..converter.loading import check_length
+    from shortened.model.loading import check_length
 
     check_length(reference.model.config if loaded is not None else ref_config, max(seq_lens) + new_tokens,
                  "the longest prompt plus new tokens (--seq-lens + --new-tokens):")  # fmt: skip
     if engine is not None:  # a TensorRT engine built from this export, compared by the same metrics
-        from .runners.tensorrt import TrtRunner
+        from shortened.runtime.tensorrt import TrtRunner
 
         runner = TrtRunner(engine)
         runner.has_cache = runner.num_layers > 0

@@ -13,13 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UsageError
-
-NAMED_SOURCES = {
-    # name: (Hugging Face dataset, config, split, text field)
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
-    "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence"),
-}
+from shortened.data import NAMED_SOURCES, check_named_source, read_text, token_windows
+from shortened.errors import UsageError
 
 
 @dataclass
@@ -35,52 +30,6 @@ class Perplexity:
         return dict(vars(self))
 
 
-def read_text(source: str) -> str:
-    """A local text file, or a named source (wikitext2, ptb) through Hugging Face datasets."""
-    from ..io import read_text_file
-
-    p = Path(source)
-    if p.is_file():
-        return read_text_file(p)
-    if source in NAMED_SOURCES:
-        check_named_source(source)
-        from ..converter.loading import load_hf_dataset
-
-        name, config, split, field = NAMED_SOURCES[source]
-        ds = load_hf_dataset(name, config, split)  # one line on any trouble (offline: a cached copy only)
-        return "\n\n".join(ds[field]) if source == "wikitext2" else " ".join(ds[field])
-    raise UsageError(f"text source {source} not found: pass a text file or one of {', '.join(NAMED_SOURCES)}")
-
-
-def check_named_source(source: str) -> None:
-    """A named source comes from the hub: refuse at once (not after the hub client's retries) when unreachable."""
-    from ..converter.loading import hub_reachable
-
-    if source in NAMED_SOURCES and not hub_reachable():
-        from ..converter.loading import load_hf_dataset
-
-        name, config, split, _ = NAMED_SOURCES[source]
-        try:
-            load_hf_dataset(name, config, split)  # a cached copy serves offline
-        except UsageError:
-            raise UsageError(
-                f"cannot load {source} ({name}): not cached, and the Hugging Face hub is unreachable; "
-                "pass a local copy of the text as a file (e.g. --ppl wikitext-2/test.raw.txt)"
-            ) from None
-
-
-def token_windows(ids: list[int], seq_len: int, bos_id: int | None = None, max_windows: int | None = None):
-    """Non-overlapping windows of seq_len tokens (seq_len - 1 text tokens after a BOS when bos_id is given)."""
-    body = seq_len - (1 if bos_id is not None else 0)
-    n = len(ids) // body
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise UsageError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    rows = [([bos_id] if bos_id is not None else []) + ids[i * body : (i + 1) * body] for i in range(n)]
-    return torch.tensor(rows, dtype=torch.long)
-
-
 @torch.no_grad()
 def perplexity(
     model,
@@ -93,7 +42,7 @@ def perplexity(
     progress: bool = True,
 ) -> Perplexity:
     """exp(mean next-token NLL over all windows); every window is scored on its own (no context carry-over)."""
-    from ..converter.loading import check_length
+    from shortened.model.loading import check_length
 
     check_length(model.config, seq_len, "perplexity window length")
     windows = _windows(tokenizer, source, seq_len, add_bos, max_windows)
@@ -142,7 +91,7 @@ def perplexity_onnx(
     """perplexity() through an ONNX export in onnxruntime (its tokenizer when `tokenizer` is None)."""
     import numpy as np
 
-    from .runners.onnxruntime import find_onnx_model, load_ort_runner
+    from shortened.runtime.onnxruntime import find_onnx_model, load_ort_runner
 
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -187,8 +136,8 @@ def evaluate(
     `model` is a checkpoint path / hub id or a shortened Loaded; add_bos None means "if the family needs it"
     (Gemma). Returns {"model", "seq_len", "add_bos", "perplexity": {source: {...}}, "zeroshot": {...}}.
     """
-    from ..converter.families import family_for
-    from ..converter.loading import Loaded, load_model
+    from shortened.model.families import family_for
+    from shortened.model.loading import Loaded, load_model
 
     if isinstance(ppl, str):
         ppl = [s for s in ppl.split(",") if s]
@@ -202,10 +151,10 @@ def evaluate(
             raise UsageError(f"text source {s} not found: pass a text file or one of {', '.join(NAMED_SOURCES)}")
         check_named_source(s)
         if Path(s).is_file():
-            from ..io import read_text_file
+            from shortened.io import read_text_file
 
             read_text_file(s)  # binary or not UTF-8: refused before the model loads
-    from ..converter.loading import check_length, load_config
+    from shortened.model.loading import check_length, load_config
 
     config = model.model.config if isinstance(model, Loaded) else load_config(str(model))
     check_length(config, seq_len, "--seq-len")
@@ -230,7 +179,7 @@ def evaluate(
         r = perplexity(loaded.model, loaded.tokenizer, s, seq_len, add_bos, batch_size, max_windows, progress)
         out["perplexity"][s] = r.to_dict()
     if tasks is not None:
-        from .zeroshot import zeroshot
+        from shortened.validators.zeroshot import zeroshot
 
         out["zeroshot"] = zeroshot(
             loaded.model, loaded.tokenizer, tasks, limit, include_path, batch_size, num_fewshot, add_bos
@@ -272,8 +221,10 @@ def overlap_notes(eval_source: str, others: dict[str, str]) -> list[str]:
         shared = len(e_lines & o_lines)
         if shared and shared >= 0.01 * min(len(e_lines), len(o_lines)):
             notes.append(f"the evaluation text shares {shared} lines with the {role} data ({src}): a slice of it")
-        elif ep.parent.resolve() == sp.parent.resolve() and any(s in ep.name.lower() for s in _SPLITS) and any(
-            s in sp.name.lower() for s in _SPLITS
+        elif (
+            ep.parent.resolve() == sp.parent.resolve()
+            and any(s in ep.name.lower() for s in _SPLITS)
+            and any(s in sp.name.lower() for s in _SPLITS)
         ):
             notes.append(f"the evaluation text ({ep.name}) is another split of the same corpus as the {role} data "
                          f"({sp.name}): its perplexity measures domain adaptation too")  # fmt: skip

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from shortened.errors import UsageError
+from shortened.model.cost import _config, _shape, flops_per_token, ideal_speedup
 
 log = logging.getLogger(__name__)
 
@@ -44,63 +45,6 @@ KINDS = BACKENDS + ("hf-generate", "genai")
 
 # ---------------------------------------------------------------------------------------------
 # The ideal speedup: per-token forward FLOPs from the config (2 FLOPs per multiply-add)
-
-
-def _shape(config) -> dict:
-    from ..converter.families import num_blocks
-
-    if config.model_type == "gpt2":
-        h, heads = config.n_embd, config.n_head
-        return dict(layers=num_blocks(config), hidden=h, heads=heads, kv=heads, head_dim=h // heads,
-                    inter=config.n_inner or 4 * h, gated=False, vocab=config.vocab_size)  # fmt: skip
-    heads = config.num_attention_heads
-    return dict(
-        layers=num_blocks(config),
-        hidden=config.hidden_size,
-        heads=heads,
-        kv=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        inter=config.intermediate_size,
-        gated=True,  # every supported family but GPT-2 has a gated MLP (gate, up, down)
-        vocab=config.vocab_size,
-    )
-
-
-def flops_per_token(config, context: int = 0) -> dict:
-    """Forward FLOPs of one token, from the config. With h hidden, nh query heads, nkv key/value heads, hd head
-    size, I MLP width, V vocabulary, L blocks, and c the context length the token attends to:
-
-        attention projections per block  2 * h * hd * (2*nh + 2*nkv)     (Q and O: nh heads; K and V: nkv heads)
-        MLP per block                    2 * k * h * I                    (k = 3 gated: gate, up, down; else 2)
-        attention scores per block       2 * 2 * nh * hd * c              (Q.K^T and P.V; only when context > 0)
-        head                             2 * h * V
-        total                            L * (projections + MLP + scores) + head
-
-    Embedding lookups, norms, activations, rotary and biases are left out (a few per cent at most).
-    """
-    s = _shape(config)
-    h, hd = s["hidden"], s["head_dim"]
-    proj = 2 * h * hd * (2 * s["heads"] + 2 * s["kv"])
-    mlp = 2 * (3 if s["gated"] else 2) * h * s["inter"]
-    scores = 2 * 2 * s["heads"] * hd * int(context)
-    block = proj + mlp + scores
-    head = 2 * h * s["vocab"]
-    return {"attention_projections": proj, "mlp": mlp, "attention_scores": scores, "block": block,
-            "blocks": s["layers"] * block, "head": head, "total": s["layers"] * block + head,
-            "layers": s["layers"], "context": int(context)}  # fmt: skip
-
-
-def _config(model):
-    if hasattr(model, "model_type"):
-        return model
-    from ..converter.loading import load_config
-
-    return load_config(str(model))
-
-
-def ideal_speedup(original, candidate, context: int = 0) -> float:
-    """FLOPs(original) / FLOPs(candidate) per token; configs, or model directories to read them from."""
-    return flops_per_token(_config(original), context)["total"] / flops_per_token(_config(candidate), context)["total"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,17 +151,17 @@ def _make_runner(spec: ModelSpec):
     if spec.kind == "torch":
         import torch
 
-        from ..converter.loading import LoadOptions
-        from .runners.torch_runner import load_torch_runner
+        from shortened.model.loading import LoadOptions
+        from shortened.runtime.torch_runner import load_torch_runner
 
         torch.set_num_threads(threads)
         return load_torch_runner(spec.path, LoadOptions(device=spec.device))
     if spec.kind == "onnxruntime":
-        from .runners.onnxruntime import load_ort_runner  # sessions with thread spinning off
+        from shortened.runtime.onnxruntime import load_ort_runner  # sessions with thread spinning off
 
         return load_ort_runner(spec.path, provider="cpu" if spec.device == "cpu" else "cuda", threads=threads)
     if spec.kind == "tensorrt":
-        from .runners.tensorrt import TrtRunner, engine_path
+        from shortened.runtime.tensorrt import TrtRunner, engine_path
 
         return TrtRunner(engine_path(spec.path), device=spec.device)
     raise UsageError(f"unknown backend {spec.kind!r}; choose one of {', '.join(KINDS)}")
@@ -230,7 +174,7 @@ class _RunnerMeasure:
         self.runner = _make_runner(spec)
 
     def run(self, input_ids: np.ndarray, new_tokens: int) -> tuple[float, list[float], list[int]]:
-        from .runners.base import greedy_generate
+        from shortened.runtime.base import greedy_generate
 
         gen = greedy_generate(self.runner, input_ids, np.ones_like(input_ids), new_tokens)
         return gen.prefill_s, list(gen.decode_s), gen.tokens[0].tolist()
@@ -515,8 +459,11 @@ def measure(
                 if failed:
                     break
             n_done = len(runs[b][baseline]) if b in runs else 0
-            reps_info[b] = {"n": n_done, "seconds": round(time.perf_counter() - t_batch, 1),
-                            "resolved": bool(ci_target) and not failed and resolved(runs[b], baseline, ci_target)}
+            reps_info[b] = {
+                "n": n_done,
+                "seconds": round(time.perf_counter() - t_batch, 1),
+                "resolved": bool(ci_target) and not failed and resolved(runs[b], baseline, ci_target),
+            }
             if failed:
                 del runs[b]
                 skipped.append({"batch": b, "reason": f"failed ({failed}); likely does not fit memory"})
@@ -678,7 +625,7 @@ def flag_above_ideal(rows: list[dict], models: dict) -> None:
 
 def plot_speed(report: SpeedReport, path: str | Path) -> Path | None:
     """Decode tokens/s and decode speedup (with each model's ideal, dashed) against batch size."""
-    from ..plots import _plt
+    from shortened.plots import _plt
 
     plt = _plt()
     if plt is None:
@@ -740,7 +687,7 @@ def _check_backend(backend: str, device: str) -> None:
             raise UsageError("the onnxruntime backend needs onnxruntime; pip install onnxruntime") from None
     if backend == "tensorrt":
         try:
-            from ..exporters.tensorrt import tensorrt_unavailable_reason
+            from shortened.runtime.tensorrt import tensorrt_unavailable_reason
         except ImportError:
             raise UsageError("the tensorrt backend is not available in this build of shortened") from None
         reason = tensorrt_unavailable_reason(runtime=True)
@@ -761,7 +708,7 @@ def _prepare(name: str, path: str, backend: str, work: Path, optimize: bool, pre
         return path
     onnx_dir = Path(onnx_dir or path)
     if not (onnx_dir / "model.onnx").is_file():
-        from ..exporters.onnx import export_onnx
+        from shortened.exporters.onnx import export_onnx
 
         onnx_dir = work / f"{name}-onnx"
         log.info("exporting %s to ONNX (%s)", name, onnx_dir)
@@ -769,7 +716,7 @@ def _prepare(name: str, path: str, backend: str, work: Path, optimize: bool, pre
         export_onnx(path, onnx_dir, precision=precision, cache=True, optimize=optimize, force=True, progress=False)
     if backend == "onnxruntime":
         return str(onnx_dir)
-    from ..exporters.tensorrt import export_tensorrt
+    from shortened.exporters.tensorrt import export_tensorrt
 
     engine_dir = work / f"{name}-trt"
     seq_max = prompt_len + new_tokens
@@ -815,7 +762,7 @@ def bench(
     extra_candidates: {name: ONNX dir} of other exports of the candidate (e.g. its int4 export), measured in the same
     interleaved run (onnxruntime backend); weight-only quantized ones get no FLOP ideal (it does not apply).
     """
-    from ..converter.width import count_params_of_config
+    from shortened.model.cost import count_params_of_config
 
     _check_backend(backend, device)
     bs = sorted({int(b) for b in batch_sizes})
@@ -830,18 +777,18 @@ def bench(
         raise UsageError(f"onnx_dirs names must be original, candidate or width; got {sorted(unknown)}")
     for name, d in onnx.items():
         if d is not None and name in paths:
-            from ..converter.families import num_blocks
+            from shortened.model.families import num_blocks
 
             have, want = num_blocks(_config(d)), num_blocks(_config(paths[name]))
             if have != want:
                 raise UsageError(f"the ONNX export {d} has {have} blocks but the {name} checkpoint has {want}; "
                                  "pass the export of that checkpoint")  # fmt: skip
     configs = {k: _config(v) for k, v in paths.items()}  # bad paths fail here, before any work
-    from ..converter.loading import check_length
+    from shortened.model.loading import check_length
 
     for name, cfg in configs.items():
         check_length(cfg, prompt_len + new_tokens, f"--prompt-len + --new-tokens for the {name} model:")
-    from ..io import check_output_file
+    from shortened.io import check_output_file
 
     inputs = {
         "original": original,
@@ -853,7 +800,7 @@ def bench(
         if p is not None:
             check_output_file(p, force=True, inputs=inputs)  # before any work; rewrites only our own reports
     if work_dir is not None:
-        from ..io import check_no_overlap, real_path
+        from shortened.io import check_no_overlap, real_path
 
         check_no_overlap(real_path(work_dir), inputs)  # exports and the width baseline are written there
     if isinstance(width_baseline, (str, Path)):
@@ -868,7 +815,7 @@ def bench(
         work.mkdir(parents=True, exist_ok=True)
     try:
         if width_baseline is True:
-            from ..converter.width import width_prune
+            from shortened.converter.width import width_prune
 
             out = work / "width"
             target = count_params_of_config(configs["candidate"])
@@ -896,7 +843,7 @@ def bench(
         if tmp is not None:
             tmp.cleanup()
     decode_ctx = prompt_len + new_tokens // 2  # the average context a decode step attends to
-    from ..converter.families import num_blocks
+    from shortened.model.families import num_blocks
 
     for name, info in raw["models"].items():
         cfg = configs[name]
@@ -916,11 +863,11 @@ def bench(
     flag_above_ideal(rows, raw["models"])
     rep = SpeedReport(backend, settings, raw["models"], rows, raw["skipped"])
     if report is not None:
-        from ..io import write_output_json
+        from shortened.io import write_output_json
 
         write_output_json(report, rep.to_dict(), inputs=inputs)
     if plot is not None:
-        from ..io import atomic_file
+        from shortened.io import atomic_file
 
         with atomic_file(plot, True, inputs) as tmp:
             rep.plot(tmp)

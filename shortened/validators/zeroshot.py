@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import UsageError
+from shortened.errors import UsageError
 
 log = logging.getLogger(__name__)
 

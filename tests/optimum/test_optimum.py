@@ -23,7 +23,7 @@ pytest.importorskip("optimum.onnxruntime", reason="needs optimum-onnx (the .venv
 import transformers  # noqa: E402
 
 from shortened.exporters.onnx import ONNX_FILE, export_onnx  # noqa: E402
-from shortened.validators.runners.base import position_ids_from_mask  # noqa: E402
+from shortened.runtime.base import position_ids_from_mask  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN_PY = Path(os.environ.get("SHORTENED_MAIN_PYTHON", REPO / ".venv" / "bin" / "python"))
@@ -90,7 +90,7 @@ _SAVE_WITH_5X = textwrap.dedent(
     import transformers
     assert transformers.__version__.startswith("5."), transformers.__version__
     from transformers import AutoModelForCausalLM
-    from shortened.converter.checkpoint import save_checkpoint
+    from shortened.model.checkpoint import save_checkpoint
     path = make_tiny("llama", __import__("pathlib").Path(sys.argv[1]))
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     model.config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}

@@ -1,0 +1,1 @@
+"""What a model is: the family table and geometry, loading, block removal, checkpoint writing."""
