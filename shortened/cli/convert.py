@@ -56,7 +56,8 @@ def register(sub, groups) -> None:
 
 
 def cmd_convert(args) -> int:
-    from shortened.pipeline import FIELDS, convert, load_config_file, make_config
+    from shortened.pipeline import convert, load_config_file, make_config
+    from shortened.pipeline.config import FIELDS
 
     settings = load_config_file(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k in FIELDS})

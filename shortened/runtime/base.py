@@ -15,7 +15,20 @@ import numpy as np
 
 
 class Runner(ABC):
+    """One loaded model. Use it as a context manager (`with load_x(...) as r:`) so that close() runs on error too.
+
+    has_cache: whether step() takes and returns a KV cache (an export without one recomputes the whole sequence);
+    num_layers: the decoder blocks the artifact holds (None where the artifact does not say)."""
+
     name: str = "runner"
+    has_cache: bool = True
+    num_layers: int | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @abstractmethod
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache=None):

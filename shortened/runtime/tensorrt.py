@@ -73,6 +73,7 @@ class TrtRunner(Runner):
         self.outputs = [n for n in names if not is_input[n]]
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.num_layers = sum(1 for n in self.inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        self.has_cache = self.num_layers > 0
         if "logits" not in self.outputs or "input_ids" not in self.inputs:
             raise UsageError(f"{engine} does not have the input_ids -> logits I/O of an exported causal LM")
         kv = tuple(self.engine.get_tensor_shape("past_key_values.0.key")) if self.num_layers else ()

@@ -17,6 +17,7 @@ class TorchRunner(Runner):
 
     def __init__(self, model):
         self.model = model.eval()
+        self.num_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
         self.device = next(model.parameters()).device
         # transformers 5.x names the cache argument and output `cache`; 4.57 names them `past_key_values`
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -418,7 +418,6 @@ def validate_parity(
         from shortened.runtime.tensorrt import TrtRunner
 
         runner = TrtRunner(engine)
-        runner.has_cache = runner.num_layers > 0
     else:
         runner = load_ort_runner(onnx_path, provider, threads)
     onnx_cfg_path = onnx_path.parent / "config.json"

@@ -52,7 +52,7 @@ elif point == "after-graph":
     import shortened.exporters.onnx as m
     after(m, "_save")
 elif point == "between-steps":
-    import shortened.pipeline as m
+    import shortened.pipeline.convert as m
     orig_step = m._run_step
     def step(steps, name, *a, **k):
         if name == "onnx":

@@ -78,7 +78,8 @@ def test_rows_carry_intervals_depth_vs_width_and_the_ideal_flag():
 def test_min_speedup_gate_uses_the_lower_end(tmp_path):
     import json
 
-    from shortened.pipeline import ConvertConfig, evaluate_gates
+    from shortened.pipeline.config import ConvertConfig
+    from shortened.pipeline.report import evaluate_gates
 
     row = {"batch": 1, "model": "candidate", "decode_speedup": {"median": 1.2, "ci_low": 1.05, "ci_high": 1.35}}
     (tmp_path / "speed.json").write_text(json.dumps({"rows": [row]}))
