@@ -64,7 +64,8 @@ def _comma_list(inner):
 
 def add_options(p, cls, *, exclude=(), suppress: bool = False) -> None:
     """One flag per field of the options dataclass `cls` (see shortened.options.option), with its meaning,
-    choices and default in --help. suppress: flags not given leave no attribute (so they can override a file)."""
+    choices and default in --help. suppress: flags not given leave no attribute (so they can override a file).
+    A bool defaulting to True gets --x/--no-x, or only its own `flag`, which turns it off (--no-cache)."""
     import dataclasses
     import typing
 
@@ -87,6 +88,8 @@ def add_options(p, cls, *, exclude=(), suppress: bool = False) -> None:
         elif tp is bool:
             if default is False:
                 p.add_argument(flag, action="store_true", **kw)
+            elif meta.get("flag"):  # a default-on switch with a flag named for turning it off (--no-cache)
+                p.add_argument(flag, action="store_false", **{**kw, "help": meta["help"]})
             else:
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) in (list, tuple):
@@ -94,7 +97,7 @@ def add_options(p, cls, *, exclude=(), suppress: bool = False) -> None:
             choices = meta.get("choices")
             if choices:
                 kw["help"] += f" (comma-separated, of {', '.join(map(str, choices))})"
-            p.add_argument(flag, type=_comma_list(inner), metavar="A,B,...", **kw)
+            p.add_argument(flag, type=int_list if inner is int else _comma_list(inner), metavar="A,B,...", **kw)
         elif tp is dict or typing.get_origin(tp) is dict:
             p.add_argument(flag, type=json_object, metavar="JSON", **kw)
         else:

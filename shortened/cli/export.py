@@ -11,51 +11,19 @@ def register(sub, groups) -> None:
 
 
 def _register_onnx(sub, groups) -> None:
+    import dataclasses
+
+    from shortened.cli.args import add_options
+    from shortened.exporters.onnx import ExportOptions
+    from shortened.exporters.quantize import QuantOptions
+
     p = groups["export"].add_parser("onnx", help="export to ONNX with a KV cache (Optimum's layout)")
     p.add_argument("model", help="model directory or hub id (e.g. a checkpoint written by `shortened prune`)")
     p.add_argument("--out", required=True, help="output directory (appears only when complete)")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "fp16", "bf16", "int4", "int8"],
-        help="weights, compute and cache; int4/int8: fp32 graph with weight-only quantized MatMuls",
-    )
+    add_options(p, ExportOptions, exclude=("calib",))
     q = p.add_argument_group("int4/int8 (onnxruntime's MatMulNBits quantizer; defaults measured on SmolLM2)")
-    q.add_argument(
-        "--quant-method",
-        default="",
-        choices=["rtn", "hqq", "gptq"],
-        help="rtn (round to nearest), hqq, or gptq calibrated on --calib (default: int4 hqq, int8 rtn)",
-    )
-    q.add_argument("--block-size", type=int, default=32, help="weights per scale along K (16..256, default 32)")
-    q.add_argument("--asymmetric", dest="symmetric", action="store_false", help="zero points per block (rtn)")
-    q.add_argument(
-        "--accuracy-level",
-        type=int,
-        default=4,
-        help="MatMulNBits compute: 4 int8 activations (default), 1 fp32, 0 unset",
-    )
-    q.add_argument(
-        "--head-bits",
-        type=int,
-        default=-1,
-        choices=[0, 4, 8],
-        help="bits of the output head (and a tied embedding): 4, 8 (the default), 0: as --precision",
-    )
-    q.add_argument("--no-quantize-head", dest="quantize_head", action="store_false", help="keep the head fp32")
-    q.add_argument(
-        "--quant-format",
-        default="qoperator",
-        choices=["qoperator", "qdq"],
-        help="qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no --optimize)",
-    )
-    q.add_argument("--calib", help="calibration text for --quant-method gptq (.txt, .jsonl or hf:DATASET)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's own, 18 or newer)")
-    p.add_argument("--no-cache", dest="cache", action="store_false", help="a plain logits model without KV cache")
-    p.add_argument("--optimize", action="store_true", help="onnxruntime fusions, kept only if padded batches match")
-    p.add_argument("--exporter", default="torch", choices=["torch", "optimum"], help="torch.onnx (dynamo) or Optimum")
-    p.add_argument("--external-data-threshold", type=int, default=1024, metavar="BYTES",
-                   help="tensors of BYTES (>= 1024) or more go to model.onnx.data (-1: one file, < 2 GB)")  # fmt: skip
+    add_options(q, QuantOptions)
+    add_options(q, ExportOptions, exclude=[f.name for f in dataclasses.fields(ExportOptions) if f.name != "calib"])
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights; off: safetensors only")
@@ -63,30 +31,13 @@ def _register_onnx(sub, groups) -> None:
 
 
 def cmd_export_onnx(args) -> int:
-    from shortened.cli.args import load_options
-    from shortened.exporters.onnx import export_onnx
+    from shortened.cli.args import load_options, options_from_args
+    from shortened.exporters.onnx import QUANTIZED, ExportOptions, export_onnx
+    from shortened.exporters.quantize import QuantOptions
 
-    threshold = None if args.external_data_threshold == -1 else args.external_data_threshold
-    quant = None
-    if args.precision in ("int4", "int8"):
-        quant = dict(method=args.quant_method, block_size=args.block_size, symmetric=args.symmetric,
-                     accuracy_level=args.accuracy_level, head=args.quantize_head, head_bits=args.head_bits,
-                     format=args.quant_format)  # fmt: skip
-    summary = export_onnx(
-        args.model,
-        args.out,
-        precision=args.precision,
-        opset=args.opset,
-        cache=args.cache,
-        optimize=args.optimize,
-        exporter=args.exporter,
-        external_data_threshold=threshold,
-        force=args.force,
-        load=load_options(args),
-        quant=quant,
-        calib=args.calib,
-    )
-    print(json.dumps(summary))
+    quant = options_from_args(QuantOptions, args) if args.precision in QUANTIZED else None  # fp32: flags unused
+    options = options_from_args(ExportOptions, args, quant=quant)
+    print(json.dumps(export_onnx(args.model, args.out, options, force=args.force, load=load_options(args))))
     return 0
 
 

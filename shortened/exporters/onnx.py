@@ -27,6 +27,7 @@ onnxscript's fusions on the generic graph. Either way the result is checked on a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -34,9 +35,12 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from shortened.errors import UsageError
+from shortened.exporters.quantize import QuantOptions
+from shortened.options import check, option
 
 log = logging.getLogger(__name__)
 
@@ -434,128 +438,73 @@ def _versions() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The entry point
+# The options
 
 
-def _check_args(precision, opset, exporter, optimize, external_data_threshold) -> None:
-    if precision not in PRECISIONS and precision not in QUANTIZED:
-        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join([*PRECISIONS, *QUANTIZED])}")
-    if precision in QUANTIZED and exporter != "torch":
-        raise UsageError(f"--precision {precision} is made from the torch exporter's graph; drop --exporter optimum")
-    if exporter not in EXPORTERS:
-        raise UsageError(f"unknown exporter {exporter!r}; choose torch or optimum")
-    if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
-        raise UsageError(f"--opset must be an integer >= {MIN_OPSET} for the dynamo exporter, got {opset!r}")
-    if optimize and precision == "bf16":
-        raise UsageError("--optimize cannot be verified for bf16 (onnxruntime's CPU provider has no bf16 kernels); "
-                         "drop --optimize or export fp16")  # fmt: skip
-    if external_data_threshold is not None and external_data_threshold < MIN_EXTERNAL_BYTES:
-        raise UsageError(f"--external-data-threshold must be at least {MIN_EXTERNAL_BYTES} bytes (smaller tensors "
-                         f"always stay in model.onnx), or -1 for one file; got {external_data_threshold}")  # fmt: skip
+def _bytes_or_one_file(text: str) -> int | None:
+    """--external-data-threshold's text: a number of bytes, or -1 for one file (None)."""
+    import argparse
 
-
-def export_onnx(
-    model,
-    out,
-    precision: str = "fp32",
-    opset: int | None = None,
-    cache: bool = True,
-    optimize: bool = False,
-    exporter: str = "torch",
-    external_data_threshold: int | None = 1024,
-    force: bool = False,
-    load=None,
-    progress: bool = True,
-    quant=None,
-    calib: str | None = None,
-) -> dict:
-    """Export a causal LM (checkpoint dir, hub id or a loaded `Loaded`) to `out`; returns a summary (see module doc).
-
-    precision: fp32 | fp16 | bf16 (the weights, the compute and the KV cache; logits stay float32), or int4 | int8:
-    the fp32 graph with its MatMul weights quantized by onnxruntime's weight-only quantizer; `quant` is a
-    exporters.quantize.QuantOptions (or a dict of its fields), `calib` the calibration source GPTQ needs.
-    opset: ONNX opset (default: the exporter's). cache: KV-cache graph (True) or a plain logits graph.
-    optimize: onnxruntime fusions, kept only if they keep padded-batch parity. exporter: torch | optimum.
-    external_data_threshold: tensors of this many bytes (>= 1024) or more go to model.onnx.data (None: one file,
-    unless the weights exceed 2 GB). load: LoadOptions for loading (its dtype is replaced by `precision`).
-    """
-    from tqdm import tqdm
-
-    from shortened.io import atomic_dir, check_output_dir, write_json
-    from shortened.model.loading import Loaded, LoadOptions, load_config, load_model, torch_dtype
-
-    _check_args(precision, opset, exporter, optimize, external_data_threshold)
-    qopts = _quant_options(precision, quant, optimize, calib)
-    base = "fp32" if qopts else precision  # what is traced: quantized exports start from the fp32 graph
-    source = model.source if isinstance(model, Loaded) else str(model)
-    check_output_dir(out, force, inputs=(source,))
-    if not isinstance(model, Loaded):
-        load_config(str(model), (load or LoadOptions()).trust_remote_code)  # missing or unsupported: fail here
-    t0 = time.perf_counter()
-    if exporter == "optimum":
-        return _export_optimum(model, out, precision, opset, cache, optimize, force, external_data_threshold, t0)
-    bar = tqdm(total=5, desc="export onnx", file=sys.stderr, disable=not progress, leave=False)
-    stage = lambda name: (bar.set_postfix_str(name), bar.update(1))  # noqa: E731
-    dtype = torch_dtype(PRECISIONS[base])
-    if isinstance(model, Loaded):
-        loaded = model
-    else:
-        stage("load")
-        opts = LoadOptions(**{**vars(load or LoadOptions()), "dtype": PRECISIONS[base], "device": "cpu"})
-        loaded = load_model(str(model), opts, tokenizer="optional")
-    torch_model = loaded.model
-    if str(torch_model.device) != "cpu":
-        raise UsageError(f"export needs the model on the CPU, it is on {torch_model.device}; load it with device=cpu")
-    config = torch_model.config
-    n_layers = cache_geometry(config)[0]
-    if torch_model.dtype != dtype:  # a caller's model in another dtype: convert a copy, never the caller's weights
-        import copy
-
-        torch_model = copy.deepcopy(torch_model).to(dtype)
-    fused_reason = None
-    if optimize:
-        from shortened.exporters.fused import unsupported_reason
-
-        fused_reason = unsupported_reason(torch_model) if cache else "a graph without KV cache"
     try:
-        stage("trace")
-        onnx_model = _trace_or_explain(torch_model, cache, opset, fused=optimize and fused_reason is None)
-        with atomic_dir(out, force, inputs=(source,)) as staging:
-            info = {}
-            if optimize:
-                stage("optimize")
-                if fused_reason is None:
-                    fused_model, info = optimize_fused(staging, onnx_model, torch_model, base, external_data_threshold)
-                    if fused_model is None:
-                        fused_reason = f"differs from PyTorch by {info['padded_rel_diff_vs_torch']:.2g}"
-                        onnx_model = _trace_or_explain(torch_model, cache, opset)
-                    else:
-                        onnx_model = fused_model
-                if fused_reason is not None:
-                    onnx_model, info = optimize_graph(staging, onnx_model, config, base, external_data_threshold)
-                    info["fused_graph_not_used"] = fused_reason
-                    log.info("onnxruntime's fused decoder not used (%s): generic graph with onnxscript fusions",
-                             fused_reason)  # fmt: skip
-            else:
-                stage("save")
-                _save(onnx_model, staging / ONNX_FILE, external_data_threshold)
-            if qopts:
-                stage(precision)
-                onnx_model, info["quantization"] = _quantize(
-                    staging, onnx_model, torch_model, loaded.tokenizer, precision, qopts, calib, external_data_threshold
-                )
-            stage("side files")
-            _write_side_files(staging, torch_model, loaded.tokenizer, cache, fused=info.get("graph") == "fused")
-            summary = _summary(staging, out, onnx_model, "torch", precision, cache, n_layers, t0, info, source)
-            write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
-    finally:
-        bar.close()
-    return summary
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    return None if value == -1 else value
+
+
+@dataclass
+class ExportOptions:
+    """What export_onnx makes (export.json records the result). int4/int8 take `quant` (QuantOptions, its own
+    dataclass: quantize_export and convert.toml's quant_options table use it alone, and export.json records it)."""
+
+    precision: str = option("fp32", "weights, compute and cache; int4/int8: fp32 graph with weight-only quantized "
+                            "MatMuls", choices=(*PRECISIONS, *QUANTIZED))  # fmt: skip
+    opset: int | None = option(None, f"ONNX opset (default: the exporter's own, {MIN_OPSET} or newer)")
+    cache: bool = option(
+        True, "the graph takes and returns a KV cache; --no-cache: a plain logits model", flag="--no-cache"
+    )
+    optimize: bool = option(False, "onnxruntime fusions, kept only if padded batches match")
+    exporter: str = option("torch", "torch.onnx (dynamo) or Optimum", choices=EXPORTERS)
+    external_data_threshold: int | None = option(
+        MIN_EXTERNAL_BYTES, f"tensors of this many bytes (>= {MIN_EXTERNAL_BYTES}) or more go to model.onnx.data "
+        "(-1, or None from Python: one file, < 2 GB)", parse=_bytes_or_one_file,
+    )  # fmt: skip
+    quant: QuantOptions | dict | None = option(None, "int4/int8: how the weights are quantized (QuantOptions or a "
+                                               "dict of its fields)", cli=False)  # fmt: skip
+    calib: str | None = option(None, "calibration text for --quant-method gptq (.txt, .jsonl or hf:DATASET)")
+
+    @property
+    def traced(self) -> str:
+        """The precision that is traced: int4/int8 start from the fp32 graph."""
+        return "fp32" if self.precision in QUANTIZED else self.precision
+
+    def validate(self) -> ExportOptions:
+        """Every bad value or combination as one UsageError line, before any work; resolves `quant` (None unless
+        int4/int8). Returns self."""
+        if self.precision not in PRECISIONS and self.precision not in QUANTIZED:
+            raise UsageError(f"unknown precision {self.precision!r}; choose one of "
+                             f"{', '.join([*PRECISIONS, *QUANTIZED])}")  # fmt: skip
+        if self.precision in QUANTIZED and self.exporter != "torch":
+            raise UsageError(f"--precision {self.precision} is made from the torch exporter's graph; drop --exporter "
+                             "optimum")  # fmt: skip
+        if self.exporter not in EXPORTERS:
+            raise UsageError(f"unknown exporter {self.exporter!r}; choose torch or optimum")
+        if self.opset is not None and (not isinstance(self.opset, int) or self.opset < MIN_OPSET):
+            raise UsageError(f"--opset must be an integer >= {MIN_OPSET} for the dynamo exporter, got {self.opset!r}")
+        if self.optimize and self.precision == "bf16":
+            raise UsageError("--optimize cannot be verified for bf16 (onnxruntime's CPU provider has no bf16 "
+                             "kernels); drop --optimize or export fp16")  # fmt: skip
+        threshold = self.external_data_threshold
+        if threshold is not None and threshold < MIN_EXTERNAL_BYTES:
+            raise UsageError(f"--external-data-threshold must be at least {MIN_EXTERNAL_BYTES} bytes (smaller tensors "
+                             f"always stay in model.onnx), or -1 for one file; got {threshold}")  # fmt: skip
+        self.quant = _quant_options(self.precision, self.quant, self.optimize, self.calib)
+        return check(self, "export option")
 
 
 def _quant_options(precision, quant, optimize, calib):
-    """The QuantOptions of an int4/int8 export (None for float precisions), checked before any work."""
-    from shortened.exporters.quantize import BITS, QuantOptions
+    """The QuantOptions of an int4/int8 export (None for float precisions), resolved and checked before any work."""
+    from shortened.exporters.quantize import BITS
 
     if precision not in QUANTIZED:
         if quant:
@@ -578,7 +527,111 @@ def _quant_options(precision, quant, optimize, calib):
     return opts
 
 
-def _quantize(staging, onnx_model, torch_model, tokenizer, precision, opts, calib, threshold):
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def export_onnx(model, out, options: ExportOptions | None = None, *, force: bool = False, progress: bool = True,
+                load=None, **fields) -> dict:  # fmt: skip
+    """Export a causal LM (checkpoint dir, hub id or a loaded `Loaded`) to `out`; returns a summary (see module doc).
+
+    options: an ExportOptions; its fields may also come as keywords (precision="fp16", quant={...}), which replace
+    the options'. force: replace an existing `out`. load: LoadOptions for loading (its dtype is replaced by the
+    precision's, its device by the CPU).
+    """
+    from shortened.io import atomic_dir, check_output_dir
+    from shortened.model.loading import Loaded, LoadOptions, load_config
+
+    opts = dataclasses.replace(options or ExportOptions(), **fields).validate()
+    source = model.source if isinstance(model, Loaded) else str(model)
+    check_output_dir(out, force, inputs=(source,))
+    if not isinstance(model, Loaded):
+        load_config(str(model), (load or LoadOptions()).trust_remote_code)  # missing or unsupported: fail here
+    t0 = time.perf_counter()
+    if opts.exporter == "optimum":
+        return _export_optimum(model, out, opts, force, t0)
+    with _stages(progress) as stage:
+        torch_model, tokenizer = _load_on_cpu(model, opts, load, stage)
+        onnx_model, fused_reason = _first_graph(torch_model, opts, stage)
+        with atomic_dir(out, force, inputs=(source,)) as staging:
+            onnx_model, info = _optimize_or_save(staging, onnx_model, torch_model, opts, fused_reason, stage)
+            if opts.quant:
+                stage(opts.precision)
+                onnx_model, info["quantization"] = _quantize(staging, onnx_model, torch_model, tokenizer, opts)
+            stage("side files")
+            summary = _finish(staging, out, onnx_model, torch_model, tokenizer, opts, info, source, t0)
+    return summary
+
+
+@contextlib.contextmanager
+def _stages(progress: bool):
+    """stage(name): the next of the export's steps on a progress bar (stderr), closed however the export ends."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=5, desc="export onnx", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        yield lambda name: (bar.set_postfix_str(name), bar.update(1))
+    finally:
+        bar.close()
+
+
+def _load_on_cpu(model, opts: ExportOptions, load, stage):
+    """(torch model, tokenizer or None): loaded in the traced precision on the CPU; a caller's model in another
+    dtype is converted as a copy, never the caller's weights."""
+    from shortened.model.loading import Loaded, LoadOptions, load_model, torch_dtype
+
+    if isinstance(model, Loaded):
+        loaded = model
+    else:
+        stage("load")
+        lo = LoadOptions(**{**vars(load or LoadOptions()), "dtype": PRECISIONS[opts.traced], "device": "cpu"})
+        loaded = load_model(str(model), lo, tokenizer="optional")
+    torch_model = loaded.model
+    if str(torch_model.device) != "cpu":
+        raise UsageError(f"export needs the model on the CPU, it is on {torch_model.device}; load it with device=cpu")
+    dtype = torch_dtype(PRECISIONS[opts.traced])
+    if torch_model.dtype != dtype:
+        import copy
+
+        torch_model = copy.deepcopy(torch_model).to(dtype)
+    return torch_model, loaded.tokenizer
+
+
+def _first_graph(torch_model, opts: ExportOptions, stage):
+    """(traced graph, why the fused decoder is not used or None): with optimize, the fused decoder of
+    exporters/fused.py where the family supports it, else the generic graph."""
+    fused_reason = None
+    if opts.optimize:
+        from shortened.exporters.fused import unsupported_reason
+
+        fused_reason = unsupported_reason(torch_model) if opts.cache else "a graph without KV cache"
+    stage("trace")
+    fused = opts.optimize and fused_reason is None
+    return _trace_or_explain(torch_model, opts.cache, opts.opset, fused=fused), fused_reason
+
+
+def _optimize_or_save(staging, onnx_model, torch_model, opts: ExportOptions, fused_reason, stage):
+    """The graph saved to staging, optimized if asked (fused decoder checked against PyTorch, else onnxscript's
+    fusions on a re-traced generic graph); returns (graph, optimize info)."""
+    threshold = opts.external_data_threshold
+    if not opts.optimize:
+        stage("save")
+        _save(onnx_model, staging / ONNX_FILE, threshold)
+        return onnx_model, {}
+    stage("optimize")
+    if fused_reason is None:
+        fused_model, info = optimize_fused(staging, onnx_model, torch_model, opts.traced, threshold)
+        if fused_model is not None:
+            return fused_model, info
+        fused_reason = f"differs from PyTorch by {info['padded_rel_diff_vs_torch']:.2g}"
+        onnx_model = _trace_or_explain(torch_model, opts.cache, opts.opset)
+    onnx_model, info = optimize_graph(staging, onnx_model, torch_model.config, opts.traced, threshold)
+    info["fused_graph_not_used"] = fused_reason
+    log.info("onnxruntime's fused decoder not used (%s): generic graph with onnxscript fusions", fused_reason)
+    return onnx_model, info
+
+
+def _quantize(staging, onnx_model, torch_model, tokenizer, opts: ExportOptions):
     """Quantize the staged fp32 graph in place (exporters/quantize.py); returns (onnx_ir model, record). The
     record holds the padded-batch difference of the quantized graph against PyTorch fp32 (for information:
     parity judges it)."""
@@ -589,17 +642,17 @@ def _quantize(staging, onnx_model, torch_model, tokenizer, precision, opts, cali
     t0 = time.perf_counter()
     proto = onnx_ir.to_proto(onnx_ir.external_data.load_to_model(onnx_model))
     reader = None
-    if opts.method == "gptq":
-        windows = calibration_windows(calib, tokenizer)
+    if opts.quant.method == "gptq":
+        windows = calibration_windows(opts.calib, tokenizer)
         has_cache = any(i.name.startswith("past_key_values") for i in proto.graph.input)
         reader = WindowReader(windows, torch_model.config, has_cache)
-    qproto, record = quantize_proto(proto, BITS[precision], opts, torch_model.config, reader)
+    qproto, record = quantize_proto(proto, BITS[opts.precision], opts.quant, torch_model.config, reader)
     if reader is not None:
-        record["calibration"] = {"source": str(calib), "windows": len(reader.feeds)}
+        record["calibration"] = {"source": str(opts.calib), "windows": len(reader.feeds)}
     model = onnx_ir.from_proto(qproto)
-    _save(model, staging / ONNX_FILE, threshold)
+    _save(model, staging / ONNX_FILE, opts.external_data_threshold)
     record["seconds"] = round(time.perf_counter() - t0, 2)
-    if opts.format == "qoperator":
+    if opts.quant.format == "qoperator":
         record["padded_rel_diff_vs_torch_fp32"] = padded_batch_check(torch_model, staging / ONNX_FILE,
                                                                      torch_model.config)  # fmt: skip
     return model, record
@@ -614,6 +667,18 @@ def _trace_or_explain(torch_model, cache, opset, fused=False):
             f"torch.onnx.export failed for {config.model_type} ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0][:300]}); try --exporter optimum"
         ) from e
+
+
+def _finish(staging, out, onnx_model, torch_model, tokenizer, opts: ExportOptions, info, source, t0) -> dict:
+    """The side files (config, tokenizer, genai_config.json) and export.json beside the staged graph; returns the
+    summary."""
+    from shortened.io import write_json
+
+    _write_side_files(staging, torch_model, tokenizer, opts.cache, fused=info.get("graph") == "fused")
+    n_layers = cache_geometry(torch_model.config)[0]
+    summary = _summary(staging, out, onnx_model, "torch", opts.precision, opts.cache, n_layers, t0, info, source)
+    write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
+    return summary
 
 
 def _summary(staging, out, onnx_model, exporter, precision, cache, n_layers, t0, info, source) -> dict:
@@ -642,7 +707,7 @@ def _summary(staging, out, onnx_model, exporter, precision, cache, n_layers, t0,
 # Optimum's exporter (optimum-onnx; needs transformers < 4.58)
 
 
-def _export_optimum(model, out, precision, opset, cache, optimize, force, threshold, t0) -> dict:
+def _export_optimum(model, out, opts: ExportOptions, force, t0) -> dict:
     import onnx_ir
 
     from shortened.io import atomic_dir, write_json
@@ -657,21 +722,22 @@ def _export_optimum(model, out, precision, opset, cache, optimize, force, thresh
         ) from e
     if isinstance(model, Loaded):
         raise UsageError("--exporter optimum exports from a checkpoint directory or hub id, not a loaded model")
-    if optimize:
+    if opts.optimize:
         raise UsageError("--optimize applies to the torch exporter; drop it with --exporter optimum")
     config = load_config(str(model))
     n_layers = cache_geometry(config)[0]
+    precision, cache = opts.precision, opts.cache
     with atomic_dir(out, force, inputs=(str(model),)) as staging:
         raw = staging / "optimum"
         task = "text-generation-with-past" if cache else "text-generation"
         dtype = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
         with contextlib.redirect_stdout(sys.stderr):
-            main_export(str(model), raw, task=task, opset=opset, device="cpu", dtype=dtype, do_validation=False)
+            main_export(str(model), raw, task=task, opset=opts.opset, device="cpu", dtype=dtype, do_validation=False)
         found = sorted(raw.glob("*.onnx"))
         if not found:
             raise UsageError(f"optimum wrote no .onnx file for {model}")
         onnx_model = onnx_ir.load(found[0])
-        _save(onnx_model, staging / ONNX_FILE, threshold)
+        _save(onnx_model, staging / ONNX_FILE, opts.external_data_threshold)
         for p in raw.iterdir():
             if p.suffix != ".onnx" and not p.name.endswith((".onnx_data", ".onnx.data")):
                 shutil.move(str(p), staging / p.name)
@@ -694,4 +760,5 @@ def read_record(onnx_dir) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-__all__ = ["ONNX_FILE", "DATA_FILE", "export_onnx", "genai_config", "kv_names", "padded_batch_check", "read_record"]
+__all__ = ["ONNX_FILE", "DATA_FILE", "ExportOptions", "export_onnx", "genai_config", "kv_names",
+           "padded_batch_check", "read_record"]  # fmt: skip

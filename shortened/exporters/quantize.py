@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from shortened.errors import UsageError
+from shortened.options import check, option
 
 log = logging.getLogger(__name__)
 
@@ -79,27 +80,36 @@ DEFAULT_HEAD_BITS = {4: 8, 8: 8}
 
 @dataclass
 class QuantOptions:
-    """How the MatMul weights are quantized (every field recorded in export.json)."""
+    """How the MatMul weights are quantized (every field recorded in export.json, resolved)."""
 
-    method: str = ""  # rtn | hqq | gptq; "": the precision's measured default (DEFAULT_METHOD)
-    block_size: int = 32  # weights per scale along K (16..256, a power of 2)
-    symmetric: bool = True  # no zero points (hqq is always asymmetric)
-    accuracy_level: int = 4  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
-    head: bool = True  # quantize the output head too
-    head_bits: int = -1  # the head's (and a shared embedding's) bits, 4 or 8; -1: DEFAULT_HEAD_BITS; 0: as the weights
-    embedding: bool = True  # tied: gather from the head's quantized table; untied int4 rtn: quantize the table
-    format: str = "qoperator"  # qoperator (MatMulNBits, onnxruntime) | qdq (DequantizeLinear -> MatMul, TensorRT)
-    float_zero_points: bool = False  # hqq: keep its float zero points (slow CPU path) instead of rounding to uint8
+    method: str | None = option(None, "rtn (round to nearest), hqq, or gptq calibrated on --calib (default: int4 "
+                                "hqq, int8 rtn)", choices=METHODS, flag="--quant-method")  # fmt: skip
+    block_size: int = option(32, "weights per scale along K (16..256, a power of 2)")
+    symmetric: bool = option(True, "no zero points; --asymmetric: zero points per block (rtn; hqq is "
+                             "always asymmetric)", flag="--asymmetric")  # fmt: skip
+    accuracy_level: int = option(4, "MatMulNBits compute: 4 int8 activations, 1 fp32, 0 unset (2 fp16, 3 bf16)")
+    head: bool = option(
+        True, "quantize the output head too; --no-quantize-head: keep it fp32", flag="--no-quantize-head"
+    )
+    head_bits: int | None = option(None, "bits of the output head (and a tied embedding): 4, 8 (the default), 0: as "
+                                   "--precision", choices=(0, 4, 8))  # fmt: skip
+    embedding: bool = option(True, "tied: gather from the head's quantized table; untied int4 rtn: quantize the "
+                             "table", cli=False)  # fmt: skip
+    format: str = option("qoperator", "qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no "
+                         "--optimize)", choices=FORMATS, flag="--quant-format")  # fmt: skip
+    float_zero_points: bool = option(False, "hqq: keep its float zero points (slow CPU path) instead of rounding to "
+                                     "uint8", cli=False)  # fmt: skip
 
     def resolved(self, bits: int) -> QuantOptions:
-        """A copy with the precision's defaults filled in (what export.json records)."""
+        """A copy with the precision's defaults filled in (what export.json records): method None or "", and
+        head_bits None or -1, mean the measured defaults (DEFAULT_METHOD, DEFAULT_HEAD_BITS)."""
         import dataclasses
 
         qdq = self.format == "qdq"  # rtn and 4 bits throughout: what the quantizer writes as QDQ
         return dataclasses.replace(
             self,
             method=self.method or ("rtn" if qdq else DEFAULT_METHOD[bits]),
-            head_bits=(0 if qdq else DEFAULT_HEAD_BITS[bits]) if self.head_bits == -1 else self.head_bits,
+            head_bits=(0 if qdq else DEFAULT_HEAD_BITS[bits]) if self.head_bits in (None, -1) else self.head_bits,
         )
 
     def validate(self, bits: int) -> None:
@@ -109,7 +119,7 @@ class QuantOptions:
             raise UsageError(f"unknown quantization format {self.format!r}; choose qoperator or qdq")
         if self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
-        if self.head_bits not in (-1, 0, 4, 8):
+        if self.head_bits not in (None, -1, 0, 4, 8):
             raise UsageError(f"head bits must be 0 (as the weights), 4 or 8; got {self.head_bits}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0..4, got {self.accuracy_level}")
@@ -117,6 +127,7 @@ class QuantOptions:
             raise UsageError(f"{self.method} quantizes to 4 bits only in onnxruntime; use --precision int4 or rtn")
         if self.format == "qdq" and (bits != 4 or self.method != "rtn"):
             raise UsageError("the QDQ format is written for int4 rtn only (onnxruntime's quantizer); use the default")
+        check(self, "quantization option")  # the types (Python and TOML callers)
 
 
 def _head_node(graph, inits: dict, vocab: int):

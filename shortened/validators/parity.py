@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from shortened.errors import UsageError
+from shortened.options import check, option
 from shortened.runtime.base import greedy_generate
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,35 @@ DEFAULT_TEXTS = [
 ]
 
 
+def gate_value(text: str) -> float | None:
+    """A tolerance flag's text: a number, or 'none' (the gate off)."""
+    import argparse
+
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _gate(help: str):
+    return option(None, help, parse=gate_value)
+
+
 @dataclass
 class Tolerances:
     """Gates on the metrics of every case; None means reported but not gated."""
 
-    max_abs: float | None = None  # largest |onnx - torch| of a logit
-    mean_abs: float | None = None
-    max_rel: float | None = None
-    min_cosine: float | None = None
-    min_top1: float | None = None  # fraction of positions with the same argmax
-    max_kl: float | None = None  # largest KL(torch || onnx) of one position's next-token distribution
-    max_mean_kl: float | None = None  # mean KL over the case's positions
-    max_top1_gap: float | None = None  # largest torch logit gap between torch's top token and onnx's pick
-    min_gen_match: float | None = None  # mean over rows of (first differing greedy position) / new_tokens
+    max_abs: float | None = _gate("largest |onnx - torch| of a logit")
+    mean_abs: float | None = _gate("mean |onnx - torch| of the logits")
+    max_rel: float | None = _gate("largest |onnx - torch| / |torch| of a logit")
+    min_cosine: float | None = _gate("lowest cosine similarity of one position's logits")
+    min_top1: float | None = _gate("fraction of positions with the same argmax")
+    max_kl: float | None = _gate("largest KL(torch || onnx) of one position's next-token distribution")
+    max_mean_kl: float | None = _gate("mean KL over the case's positions")
+    max_top1_gap: float | None = _gate("largest torch logit gap between torch's top token and onnx's pick")
+    min_gen_match: float | None = _gate("mean over rows of (first differing greedy position) / new tokens")
 
     def check(self, m: dict) -> list[str]:
         """The failed gates, one short line each. NaN fails every gate it meets."""
@@ -359,104 +376,133 @@ def export_precision(onnx_path: Path) -> str:
     return names.get(max(sizes, key=sizes.get), "fp32") if sizes else "fp32"
 
 
-def _check_ints(name: str, values, minimum: int = 1) -> tuple[int, ...]:
-    values = tuple(int(v) for v in values)
+def _check_ints(name: str, values, minimum: int = 1) -> list[int]:
+    values = [int(v) for v in values]
     if not values or min(values) < minimum:
-        raise UsageError(f"{name} must be one or more integers >= {minimum}, got {list(values)}")
+        raise UsageError(f"{name} must be one or more integers >= {minimum}, got {values}")
     return values
 
 
-def validate_parity(
-    reference,
-    onnx_dir,
-    precision: str | None = None,
-    tolerances: Tolerances | dict | None = None,
-    prompts_file: str | Path | None = None,
-    batch_sizes=(1, 2),
-    seq_lens=(1, 16, 48),
-    new_tokens: int = 16,
-    seed: int = 0,
-    provider: str | None = None,
-    threads: int | None = None,
-    engine: str | Path | None = None,
-    load=None,
-    progress: bool = True,
-) -> ParityReport:
+@dataclass
+class ParityOptions:
+    """The cases and gates of a parity run (see the module doc)."""
+
+    precision: str | None = option(None, "tolerance set (default: from export.json)", choices=PRECISIONS)
+    tolerances: Tolerances | dict | None = option(None, "a Tolerances, or a dict of fields overriding the "
+                                                  "precision's defaults", cli=False)  # fmt: skip
+    prompts_file: str | Path | None = option(None, "text file of prompts (default: the shared data's text when "
+                                             "present)", flag="--prompts")  # fmt: skip
+    batch_sizes: list[int] = option(default_factory=lambda: [1, 2], help="batch sizes, left padded")
+    seq_lens: list[int] = option(default_factory=lambda: [1, 16, 48], help="prompt lengths")
+    new_tokens: int = option(16, "greedy tokens decoded with the cache")
+    seed: int = option(0, "seed of the random token ids and of the text prompts' offsets")
+    provider: str | None = option("auto", "onnxruntime execution provider (auto: CUDA where present, else CPU)",
+                                  choices=("auto", "cpu", "cuda", "tensorrt"))  # fmt: skip
+    threads: int | None = option(None, "onnxruntime intra-op threads (default: onnxruntime's choice)")
+    engine: str | Path | None = option(None, "a TensorRT engine directory built from this export (`shortened export "
+                                "tensorrt`), run instead of onnxruntime", cli=False)  # fmt: skip
+
+    def validate(self) -> ParityOptions:
+        """Each bad value as one UsageError line, before any model loads. Returns self."""
+        self.batch_sizes = _check_ints("batch sizes", self.batch_sizes)
+        self.seq_lens = _check_ints("sequence lengths", self.seq_lens)
+        (self.new_tokens,) = _check_ints("new tokens", [self.new_tokens])
+        if self.precision is not None:
+            tolerances_for(self.precision)  # an unknown precision, named as tolerances_for names it
+        if isinstance(self.tolerances, Tolerances):
+            self.tolerances = dataclasses.replace(self.tolerances)  # checked below: a copy, not the caller's
+        return check(self, "parity option")
+
+
+def validate_parity(reference, onnx_dir, options: ParityOptions | None = None, *, load=None, progress: bool = True,
+                    **fields) -> ParityReport:  # fmt: skip
     """Run the PyTorch reference and the ONNX model on the same cases and compare them (see the module doc).
 
     reference: a model directory / hub id / GGUF file (loaded in fp32 unless `load` says otherwise), or a
-    converter.loading.Loaded. precision: the export's (None: read export.json). tolerances: a Tolerances, or a
-    dict of fields overriding the precision's defaults. provider: cpu, cuda, tensorrt (None: CUDA where present,
-    else CPU). engine: a TensorRT engine directory built from this export (`shortened export tensorrt`), run by the
-    TensorRT runner instead of onnxruntime. The report names the execution providers that actually ran.
+    model.loading.Loaded. options: a ParityOptions; its fields may also come as keywords (new_tokens=8), which
+    replace the options'. The report names the execution providers that actually ran.
     """
     from tqdm.auto import tqdm
 
-    from shortened.model.families import num_blocks
-    from shortened.model.loading import Loaded, load_config, load_model
-    from shortened.runtime.onnxruntime import find_onnx_model, load_ort_runner
+    from shortened.model.loading import Loaded, check_length, load_model
+    from shortened.runtime.onnxruntime import find_onnx_model
     from shortened.runtime.torch_runner import TorchRunner
 
-    batch_sizes = _check_ints("batch sizes", batch_sizes)
-    seq_lens = _check_ints("sequence lengths", seq_lens)
-    (new_tokens,) = _check_ints("new tokens", [new_tokens])
+    opts = dataclasses.replace(options or ParityOptions(), **fields).validate()
     onnx_path = find_onnx_model(onnx_dir)
-    if precision is None:
-        precision = export_precision(onnx_path)
-    tol = tolerances_for(precision, tolerances)
-    if isinstance(reference, Loaded):
-        loaded, ref_name = reference, str(reference.source)
-    else:
-        ref_name = str(reference)
-        ref_config = load_config(ref_name)  # a missing model or an unsupported architecture fails before any weights
-        loaded = None
-    from shortened.model.loading import check_length
-
-    check_length(reference.model.config if loaded is not None else ref_config, max(seq_lens) + new_tokens,
+    precision = opts.precision or export_precision(onnx_path)
+    tol = tolerances_for(precision, opts.tolerances)
+    ref_name = str(reference.source) if isinstance(reference, Loaded) else str(reference)
+    check_length(_reference_config(reference), max(opts.seq_lens) + opts.new_tokens,
                  "the longest prompt plus new tokens (--seq-lens + --new-tokens):")  # fmt: skip
-    if engine is not None:  # a TensorRT engine built from this export, compared by the same metrics
+    with _onnx_runner(onnx_path, opts) as runner:
+        loaded = reference if isinstance(reference, Loaded) else load_model(ref_name, load, tokenizer="optional")
+        _check_same_depth(runner, onnx_path, loaded.model.config, ref_name)
+        text_ids, note = read_prompt_ids(loaded.tokenizer, opts.prompts_file, max(opts.seq_lens))
+        with TorchRunner(loaded.model) as ref_runner:
+            report = ParityReport(ref_name, str(onnx_path.parent), precision, runner.providers(),
+                                  ref_runner.providers(), tol)  # fmt: skip
+            report.notes.append(note)
+            if not runner.has_cache:
+                report.notes.append("the ONNX graph has no KV cache: each decode step re-runs the whole sequence")
+            for case in tqdm(_cases(loaded, text_ids, opts), desc="parity", disable=not progress, leave=False):
+                report.cases.append(_run_case(case, ref_runner, runner, tol, opts.new_tokens))
+    return report
+
+
+def _reference_config(reference):
+    """The reference's config, read before any weights: a missing model or an unsupported architecture fails here."""
+    from shortened.model.loading import Loaded, load_config
+
+    return reference.model.config if isinstance(reference, Loaded) else load_config(str(reference))
+
+
+def _onnx_runner(onnx_path: Path, opts: ParityOptions):
+    """The runner of the export: onnxruntime, or the TensorRT engine built from it (compared by the same metrics)."""
+    if opts.engine is not None:
         from shortened.runtime.tensorrt import TrtRunner
 
-        runner = TrtRunner(engine)
-    else:
-        runner = load_ort_runner(onnx_path, provider, threads)
-    onnx_cfg_path = onnx_path.parent / "config.json"
-    if loaded is None:
-        loaded = load_model(ref_name, load, tokenizer="optional")  # prompts without one: random ids
-    ref_blocks = num_blocks(loaded.model.config)
+        return TrtRunner(opts.engine)
+    from shortened.runtime.onnxruntime import load_ort_runner
+
+    return load_ort_runner(onnx_path, None if opts.provider == "auto" else opts.provider, opts.threads)
+
+
+def _check_same_depth(runner, onnx_path: Path, ref_config, ref_name: str) -> None:
+    """The export and the reference must hold as many blocks (the graph's cache inputs, else its config.json)."""
+    from shortened.model.families import num_blocks
+
+    ref_blocks = num_blocks(ref_config)
     onnx_blocks = runner.num_layers if runner.has_cache else None
-    if onnx_blocks is None and onnx_cfg_path.is_file():
+    if onnx_blocks is None and (onnx_path.parent / "config.json").is_file():
         from transformers import AutoConfig
 
-        onnx_blocks = num_blocks(AutoConfig.from_pretrained(onnx_cfg_path.parent))
+        onnx_blocks = num_blocks(AutoConfig.from_pretrained(onnx_path.parent))
     if onnx_blocks is not None and onnx_blocks != ref_blocks:
         raise UsageError(
             f"the ONNX model has {onnx_blocks} layers but the reference {ref_name} has {ref_blocks} blocks; "
             "validate an export against the model it was exported from"
         )
+
+
+def _cases(loaded, text_ids, opts: ParityOptions) -> list[Case]:
     cfg = loaded.model.config
-    vocab = int(cfg.vocab_size)
     pad = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
-    text_ids, note = read_prompt_ids(loaded.tokenizer, prompts_file, max(seq_lens))
-    ref_runner = TorchRunner(loaded.model)
-    report = ParityReport(ref_name, str(onnx_path.parent), precision, runner.providers(), ref_runner.providers(), tol)
-    report.notes.append(note)
-    if not runner.has_cache:
-        report.notes.append("the ONNX graph has no KV cache: each decode step re-runs the whole sequence")
-    cases = make_cases(batch_sizes, seq_lens, vocab, int(pad), text_ids, seed)
-    for case in tqdm(cases, desc="parity", disable=not progress, leave=False):
-        ref = greedy_generate(ref_runner, case.input_ids, case.attention_mask, new_tokens)
-        got = greedy_generate(runner, case.input_ids, case.attention_mask, new_tokens)
-        if got.prefill_logits.shape != ref.prefill_logits.shape:
-            raise UsageError(
-                f"the ONNX model's logits have shape {got.prefill_logits.shape[1:]} per row but the reference's "
-                f"{ref.prefill_logits.shape[1:]}: they are different models"
-            )
-        m = compare(ref, got, case.attention_mask, new_tokens)
-        b, n = case.input_ids.shape
-        result = CaseResult(case.name, case.source, b, n, new_tokens, **m)
-        result.failures = tol.check(m)
-        report.cases.append(result)
-        log.info("%s: max_abs %.3g kl %.3g first_diff %s", case.name, m["max_abs"], m["kl"], m["first_diff"])
-    runner.close()
-    return report
+    return make_cases(opts.batch_sizes, opts.seq_lens, int(cfg.vocab_size), int(pad), text_ids, opts.seed)
+
+
+def _run_case(case: Case, ref_runner, runner, tol: Tolerances, new_tokens: int) -> CaseResult:
+    """Both runners' greedy generations of one case, compared and gated."""
+    ref = greedy_generate(ref_runner, case.input_ids, case.attention_mask, new_tokens)
+    got = greedy_generate(runner, case.input_ids, case.attention_mask, new_tokens)
+    if got.prefill_logits.shape != ref.prefill_logits.shape:
+        raise UsageError(
+            f"the ONNX model's logits have shape {got.prefill_logits.shape[1:]} per row but the reference's "
+            f"{ref.prefill_logits.shape[1:]}: they are different models"
+        )
+    m = compare(ref, got, case.attention_mask, new_tokens)
+    b, n = case.input_ids.shape
+    result = CaseResult(case.name, case.source, b, n, new_tokens, **m)
+    result.failures = tol.check(m)
+    log.info("%s: max_abs %.3g kl %.3g first_diff %s", case.name, m["max_abs"], m["kl"], m["first_diff"])
+    return result

@@ -4,6 +4,7 @@ family, fp16, external data, --optimize keeping padded-batch parity, genai_confi
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -391,3 +392,41 @@ def test_optimum_exporter_missing_says_how_to_get_it(tiny_models, tmp_path):
         pass
     with pytest.raises(UsageError, match="pip install optimum-onnx"):
         X.export_onnx(str(tiny_models["llama"]), tmp_path / "o", exporter="optimum")
+
+
+def test_export_options_make_the_flags_and_check_once(tiny_models, tmp_path, capsys):
+    """ExportOptions / QuantOptions carry each flag's meaning and choices; one validate() refuses bad values and
+    combinations with one line; keyword fields replace the options' (the caller's object is left alone)."""
+    from shortened.cli import build_parser
+    from shortened.cli.args import options_from_args
+    from shortened.exporters.quantize import QuantOptions
+
+    with pytest.raises(SystemExit):
+        main(["export", "onnx", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--precision {fp32,fp16,bf16,int4,int8} weights, compute and cache" in text
+    assert "--quant-method {rtn,hqq,gptq}" in text and "--head-bits {0,4,8}" in text and "--no-cache" in text
+    flags = ["--precision", "int4", "--no-cache", "--asymmetric", "--no-quantize-head", "--block-size", "64",
+             "--external-data-threshold", "-1"]  # fmt: skip
+    args = build_parser().parse_args(["export", "onnx", "m", "--out", "o", *flags])
+    quant = options_from_args(QuantOptions, args)
+    opts = options_from_args(X.ExportOptions, args, quant=quant)
+    assert (opts.cache, opts.external_data_threshold, quant.symmetric, quant.head, quant.block_size) == (
+        False, None, False, False, 64,
+    )  # fmt: skip
+    resolved = X.ExportOptions(**{**vars(opts)}).validate()
+    assert (resolved.quant.method, resolved.quant.head_bits) == ("hqq", 8) and opts.quant.method is None
+    for bad, message in [
+        (dict(precision="fp8"), "unknown precision 'fp8'"),
+        (dict(opset=11), "--opset must be an integer >= 18"),
+        (dict(optimize="yes"), "export option optimize must be true or false"),
+        (dict(quant={"method": "rtn"}), "apply to --precision int4/int8, not fp32"),
+        (dict(precision="int8", quant={"bits": 3}), "unknown quantization option 'bits'"),
+        (dict(precision="int4", quant=QuantOptions(symmetric="no")), "quantization option symmetric must be"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            X.ExportOptions(**bad).validate()
+    mine = X.ExportOptions(precision="fp16", optimize=True)
+    with pytest.raises(UsageError, match="bf16"):  # the keyword replaces the options' precision: bf16 + optimize
+        X.export_onnx(str(tiny_models["llama"]), tmp_path / "o", mine, precision="bf16", progress=False)
+    assert mine.precision == "fp16" and not (tmp_path / "o").exists()

@@ -263,3 +263,48 @@ def test_smollm2_pruned_to_24_blocks(smollm2_24_onnx, tmp_path, capsys):
     assert r.precision == "fp32" and r.providers[0] in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert {c.source for c in r.cases} == {"text", "random"}
     assert all(c.first_diff == [None] * c.batch and c.new_tokens == 32 for c in r.cases)  # 32 greedy tokens identical
+
+
+def test_parity_options_make_the_flags_and_check_once(capsys):
+    """ParityOptions and Tolerances carry each flag's meaning and choices; 'none' turns a gate off; validate()
+    refuses bad values with today's messages and leaves the caller's Tolerances alone."""
+    import dataclasses
+
+    from shortened.cli import build_parser, main
+    from shortened.cli.args import options_from_args
+    from shortened.validators.parity import ParityOptions
+
+    with pytest.raises(SystemExit):
+        main(["validate", "parity", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--precision {fp32,fp16,bf16,int4,int8} tolerance set" in text and "--max-kl MAX_KL largest KL" in text
+    assert "--provider {auto,cpu,cuda,tensorrt}" in text and "(default 1,16,48)" in text
+    args = build_parser().parse_args(["validate", "parity", "--reference", "r", "--onnx", "o", "--max-abs", "none",
+                              "--min-cosine", "0.5", "--seq-lens", "3,4", "--prompts", "p.txt"])  # fmt: skip
+    tols = {f.name: getattr(args, f.name) for f in dataclasses.fields(Tolerances) if hasattr(args, f.name)}
+    assert tols == {"max_abs": None, "min_cosine": 0.5}
+    opts = options_from_args(ParityOptions, args, tolerances=tols).validate()
+    assert (opts.seq_lens, opts.batch_sizes, opts.prompts_file, opts.provider) == ([3, 4], [1, 2], "p.txt", "auto")
+    for bad, message in [
+        (dict(seq_lens=[0]), "sequence lengths must be one or more integers >= 1, got [0]"),
+        (dict(new_tokens=0), "new tokens must be"),
+        (dict(precision="int2"), "unknown precision 'int2'"),
+        (dict(threads="2"), "parity option threads must be an integer"),
+        (dict(provider="rocm"), "parity option provider must be one of auto, cpu, cuda, tensorrt"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            ParityOptions(**bad).validate()
+    mine = Tolerances(max_abs=1)
+    assert ParityOptions(tolerances=mine).validate().tolerances.max_abs == 1.0 and type(mine.max_abs) is int
+
+
+def test_runners_close_when_parity_stops_on_an_error(exported, monkeypatch):
+    from shortened.runtime.onnxruntime import OrtRunner
+
+    closed = []
+    monkeypatch.setattr(OrtRunner, "close", lambda self: closed.append(self))
+    _, onnx_dir = exported("llama")
+    pruned_ref, _ = exported("llama", pruned=True)
+    with pytest.raises(UsageError, match="has 6 layers but the reference"):
+        validate_parity(str(pruned_ref), onnx_dir, **FAST)
+    assert len(closed) == 1
