@@ -1,7 +1,7 @@
 """Parity: does the exported ONNX model compute what the PyTorch model computes?
 
 Like Polygraphy, the comparator stands apart from the backends: both models run behind the same Runner interface
-(runners/torch_runner.py, runners/onnxruntime.py) through the same greedy loop (runners/base.py) on the same
+(runtime/torch_runner.py, runtime/onnxruntime.py) through the same greedy loop (runtime/base.py) on the same
 cases, and only their outputs meet here. Cases: real text prompts and random token ids, batch 1 and larger
 batches with LEFT padding, several prompt lengths, each followed by a multi-step greedy decode with the KV cache.
 
@@ -315,7 +315,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare(ref, got, mask: np.ndarray, new_tokens: int) -> dict:
-    """Metrics of one case from two Generation results (runners/base.py) of the same inputs."""
+    """Metrics of one case from two Generation results (runtime/base.py) of the same inputs."""
     real = mask.astype(bool)
     a_parts, b_parts = [ref.prefill_logits[real]], [got.prefill_logits[real]]
     first_diff = []
@@ -399,8 +399,8 @@ class ParityOptions:
     provider: str | None = option("auto", "onnxruntime execution provider (auto: CUDA where present, else CPU)",
                                   choices=("auto", "cpu", "cuda", "tensorrt"))  # fmt: skip
     threads: int | None = option(None, "onnxruntime intra-op threads (default: onnxruntime's choice)")
-    engine: str | Path | None = option(None, "a TensorRT engine directory built from this export (`shortened export "
-                                "tensorrt`), run instead of onnxruntime", cli=False)  # fmt: skip
+    engine: str | Path | None = option(None, "a TensorRT engine directory built from this export (`shortened "
+                                       "export tensorrt`), run instead of onnxruntime", cli=False)  # fmt: skip
 
     def validate(self) -> ParityOptions:
         """Each bad value as one UsageError line, before any model loads. Returns self."""
