@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "shortened.cli.bench",
     "shortened.cli.validate",
     "shortened.cli.retrain",
+    "shortened.cli.quality",
 ]
 
 

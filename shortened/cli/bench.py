@@ -1,12 +1,10 @@
-"""CLI: `shortened bench` (speed of the original against the pruned candidate) and `shortened width-prune`."""
+"""CLI: `shortened bench` (speed of the original against the pruned candidate)."""
 
 from __future__ import annotations
 
-import json
-
 
 def register(sub, groups) -> None:
-    from shortened.cli.args import add_load_args, int_list
+    from shortened.cli.args import int_list
     from shortened.validators.speed import BACKENDS
 
     p = sub.add_parser("bench", help="measure prefill/decode speed and memory of the original and the pruned model")
@@ -48,18 +46,6 @@ def register(sub, groups) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("width-prune", help="narrow a model (MLP channels, head groups) to a parameter count")
-    p.add_argument("model", help="model directory")
-    p.add_argument("--out", required=True, help="output checkpoint directory (appears only when complete)")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--params", type=int, help="target parameter count")
-    g.add_argument("--match", help="a checkpoint directory whose parameter count is the target")
-    p.add_argument("--kv-groups", type=int, help="key/value head groups to keep (default: chosen from the target)")
-    p.add_argument("--multiple-of", type=int, default=1, help="round the MLP width to a multiple of this")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    add_load_args(p)
-    p.set_defaults(func=cmd_width_prune)
-
 
 def cmd_bench(args) -> int:
     from shortened.validators.speed import bench
@@ -88,21 +74,4 @@ def cmd_bench(args) -> int:
         max_repeats=args.max_repeats,
     )
     print(rep.table())
-    return 0
-
-
-def cmd_width_prune(args) -> int:
-    from shortened.cli.args import load_options
-    from shortened.converter.width import width_prune
-
-    res = width_prune(
-        args.model,
-        args.params if args.params is not None else args.match,
-        args.out,
-        kv_groups=args.kv_groups,
-        multiple_of=args.multiple_of,
-        load=load_options(args),
-        force=args.force,
-    )
-    print(json.dumps(res))
     return 0
