@@ -93,7 +93,8 @@ def _tri_state(text: str):
 def add_options(p, cls, *, exclude=(), suppress: bool = False, defaults: dict | None = None) -> None:
     """One flag per field of the options dataclass `cls` (see shortened.options.option), with its meaning,
     choices and default in --help. p: a parser or an argument group. suppress: flags not given leave no attribute
-    (so they can override a file; booleans then also get --no-X). defaults: this command's own defaults."""
+    (so they can override a file; booleans then also get --no-X), and choices are left to options.check, which
+    checks the file's values and the flags' together. defaults: this command's own defaults."""
     types_ = hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -127,7 +128,9 @@ def add_options(p, cls, *, exclude=(), suppress: bool = False, defaults: dict | 
         elif words:
             p.add_argument(flag_name(f), type=_or_words(tp, words), metavar="X|" + "|".join(words), **kw)
         else:
-            p.add_argument(flag_name(f), type=tp, choices=choices, **kw)
+            p.add_argument(
+                flag_name(f), type=tp, metavar=_metavar(choices), choices=None if suppress else choices, **kw
+            )
 
 
 def _metavar(choices):

@@ -4,18 +4,8 @@ the --config file, which overrides the defaults."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from shortened.cli.args import add_options
-
-
-class _DeprecatedModel(argparse.Action):
-    """--model DIR: the old spelling of the positional MODEL, kept so that old scripts run."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print("shortened convert: --model is deprecated; pass the model first: shortened convert MODEL --out DIR",
-              file=sys.stderr)  # fmt: skip
-        namespace.model = values
 
 
 def register(sub, groups) -> None:
@@ -28,7 +18,8 @@ def register(sub, groups) -> None:
     )
     p.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL",
                    help="checkpoint directory, hub id or .gguf file (or `model = ...` in --config)")  # fmt: skip
-    p.add_argument("--model", dest="model", action=_DeprecatedModel, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    # --model MODEL: the old spelling, deprecated and hidden, kept so that old scripts run
+    p.add_argument("--model", dest="model", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--config", help="a convert.toml; flags given here override it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_options(p, ConvertConfig, suppress=True)
