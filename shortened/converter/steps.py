@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 class ScoreOptions:
     """How blocks are scored and which may go; shared by score, prune and sweep (and their flags)."""
 
-    criterion: str | None = option(None, "block-importance criterion (score: default ppl; prune: scores with it "
-                                   "when there is no --scores)", choices=CRITERIA)  # fmt: skip
+    criterion: str | None = option(None, "block-importance criterion (prune: scores with it "
+                                   "when given no --scores)", choices=CRITERIA)  # fmt: skip
     iterative: bool = option(False, "remove one block at a time and rescore (SLEB-style)")
     protect: list[int] | None = option(None, "blocks never removed (default 0,1,2,3,-2,-1)")
     no_protect: bool = option(False, "every block is a candidate")
