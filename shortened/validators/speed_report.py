@@ -196,4 +196,3 @@ def plot_speed(report: SpeedReport, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
-
