@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_BLOCKS = [12, 13, 14, 15, 17, 26]
+from speed_setup import DEFAULT_BLOCKS
 
 
 def main() -> int:
@@ -33,8 +33,9 @@ def main() -> int:
     from shortened.converter.width import width_prune
     from shortened.exporters.onnx import export_onnx
     from shortened.exporters.quantize import quantize_export
-    from shortened.model.cost import count_params_of_config
-    from shortened.validators.speed import _config, bench
+    from shortened.model.cost import _config, count_params_of_config
+    from shortened.pipeline.bench import bench
+    from shortened.validators.speed import SpeedOptions
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -54,11 +55,11 @@ def main() -> int:
     reports = []
     for run in (1, 2):
         batches = [int(b) for b in args.batch_sizes.split(",")]
-        rep = bench(args.model, str(pruned), backend="onnxruntime", batch_sizes=batches, prompt_len=128,
-                    new_tokens=32, repeats=args.repeats, width_baseline=str(width), threads=args.threads,
-                    optimize=True, onnx_dirs=dirs, extra_candidates={"candidate-int4": str(int4)},
-                    time_budget_s=args.time_budget, report=work / f"speed-{run}.json", plot=work / f"speed-{run}.png",
-                    progress=False)  # fmt: skip
+        options = SpeedOptions(batch_sizes=batches, prompt_len=128, new_tokens=32, repeats=args.repeats,
+                               threads=args.threads, time_budget_s=args.time_budget)  # fmt: skip
+        rep = bench(args.model, str(pruned), options, backend="onnxruntime", width_baseline=str(width), optimize=True,
+                    onnx_dirs=dirs, extra_candidates={"candidate-int4": str(int4)}, report=work / f"speed-{run}.json",
+                    plot=work / f"speed-{run}.png", progress=False)  # fmt: skip
         print(f"\n## run {run}\n\n{rep.table()}")
         reports.append(rep)
     print("\n| batch | model | run 1 [95% interval] | run 2 [95% interval] | overlap |")

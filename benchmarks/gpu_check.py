@@ -222,7 +222,7 @@ def run_speed(args, deadline: float) -> list[dict]:
     import torch
 
     from shortened.model.cost import count_params_of_config, flops_per_token
-    from shortened.validators.speed import summarize
+    from shortened.validators.stats import summarize
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
