@@ -263,3 +263,26 @@ def test_bench_onnxruntime_runs_given_exports(tiny_models, tmp_path):
 
         prune(str(src), pruned, blocks=[1], no_protect=True, progress=False)
         bench(str(src), str(pruned), SpeedOptions(), backend="onnxruntime", onnx_dirs=onnx, progress=False)
+
+
+def test_speed_options_are_checked_once_when_made():
+    assert SpeedOptions(batch_sizes=(8, 1, 8)).batch_sizes == [1, 8]  # sorted, distinct, a list
+    bad_settings = [
+        ({"batch_sizes": [0, 1]}, "positive"),
+        ({"new_tokens": 1}, "new_tokens must be at least 2"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"repeats": 1.5}, "repeats must be an integer"),
+    ]
+    for bad, msg in bad_settings:
+        with pytest.raises(UsageError, match=msg):
+            SpeedOptions(**bad)
+
+
+def test_bench_measures_given_artifacts_and_needs_the_original(tiny_models):
+    from shortened.validators.speed import Artifact, bench
+
+    src = str(tiny_models["llama"])
+    with pytest.raises(UsageError, match="original"):
+        bench({"candidate": Artifact(src, src)}, "torch", SpeedOptions())
+    with pytest.raises(UsageError, match="unknown backend"):
+        bench({"original": Artifact(src, src)}, "tpu", SpeedOptions())
