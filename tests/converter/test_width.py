@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, tiny_config
 
 from shortened.converter.width import plan_width, width_prune_model
 from shortened.errors import UsageError
@@ -45,8 +44,7 @@ def _zero_one_group_and_40_channels(model, rng) -> None:
         _as_linear(get_path(block, fam.mlp_down).weight, w.conv1d)[:, ch] = 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_width_pruning_drops_exactly_the_least_magnitude_parts(family):
+def test_width_pruning_drops_exactly_the_least_magnitude_parts(family, tiny_config):
     """The zeroed parts have the least magnitude, so width pruning must drop exactly them: the narrow model
     computes the logits of the zeroed wide one."""
     from transformers import AutoModelForCausalLM
@@ -72,7 +70,7 @@ def test_width_pruning_drops_exactly_the_least_magnitude_parts(family):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_family_without_width_layout_is_refused_in_one_line(monkeypatch):
+def test_a_family_without_width_layout_is_refused_in_one_line(monkeypatch, tiny_config):
     cfg = tiny_config("phi3")
     monkeypatch.setitem(families.FAMILIES, "phi3", dataclasses.replace(families.FAMILIES["phi3"], width=None))
     with pytest.raises(UsageError) as e:
@@ -80,7 +78,7 @@ def test_a_family_without_width_layout_is_refused_in_one_line(monkeypatch):
     assert str(e.value) == "width pruning supports llama, mistral, qwen2, qwen3, gemma2, gpt2; got model type 'phi3'"
 
 
-def test_gpt2_cannot_drop_heads():
+def test_gpt2_cannot_drop_heads(tiny_config):
     cfg = tiny_config("gpt2")
     with pytest.raises(
         UsageError, match=r"^gpt2 cannot drop attention heads \(its head size is hidden_size / n_head\)"

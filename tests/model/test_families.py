@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FAMILIES, tiny_config
 
 from shortened.errors import UsageError
-from shortened.model.families import Geometry, geometry
+from shortened.model.families import FAMILIES, Geometry, geometry
 
 # 6 blocks, hidden 64, 4 query heads, 2 KV heads, MLP 128, vocabulary 256 unless said otherwise
 LLAMA_LIKE = Geometry(
@@ -30,8 +29,7 @@ def test_every_family_has_a_hand_count():
     assert sorted(BY_HAND) == sorted(FAMILIES)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_geometry_of_tiny_configs(family):
+def test_geometry_of_tiny_configs(family, tiny_config):
     cfg = tiny_config(family)
     assert geometry(cfg) == BY_HAND[family]
     assert geometry(cfg.to_dict()) == BY_HAND[family]  # config.json as a dict reads the same
