@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from shortened.errors import UsageError
-from shortened.model.cost import _config, _shape
+from shortened.model.cost import _config
+from shortened.model.families import geometry
 from shortened.options import check, option
 from shortened.runtime.base import timed_generate
 from shortened.runtime.genai import load_genai
@@ -227,16 +228,16 @@ class _Worker:
 # Memory: skip a batch size that cannot fit
 
 
-def _kv_bytes(shape: dict, batch: int, length: int, bytes_per: int = 4) -> int:
-    return 2 * shape["layers"] * batch * shape["kv"] * shape["head_dim"] * length * bytes_per
+def _kv_bytes(g, batch: int, length: int, bytes_per: int = 4) -> int:
+    return 2 * g.layers * batch * g.kv_heads * g.head_dim * length * bytes_per
 
 
 def _need_bytes(config, batch: int, prompt_len: int, new_tokens: int) -> int:
     """Rough working memory of one generation: KV cache, prompt logits, and activations (x4 slack)."""
-    s = _shape(config)
-    kv = _kv_bytes(s, batch, prompt_len + new_tokens)
-    logits = batch * prompt_len * s["vocab"] * 4
-    acts = batch * prompt_len * max(s["inter"], s["hidden"] * 4) * 4
+    g = geometry(config)
+    kv = _kv_bytes(g, batch, prompt_len + new_tokens)
+    logits = batch * prompt_len * g.vocab * 4
+    acts = batch * prompt_len * max(g.intermediate, g.hidden * 4) * 4
     return 2 * (kv + logits + acts)
 
 
@@ -279,7 +280,7 @@ def measure(specs: list[ModelSpec], options: SpeedOptions, baseline: str | None 
     if len(set(names)) != len(names):
         raise UsageError(f"model names must differ: {names}")
     configs = {s.name: _config(s.config_path or s.path) for s in specs}
-    vocab = min(_shape(c)["vocab"] for c in configs.values())
+    vocab = min(geometry(c).vocab for c in configs.values())
     baseline = baseline or names[0]
     o = options
     per_batch = (o.warmup + o.repeats) * len(specs)  # runs per batch size at least; adaptive rounds add more
