@@ -15,7 +15,7 @@ from shortened.converter.selection import SELECTIONS
 from shortened.errors import UsageError
 from shortened.io import check_no_overlap, check_output_dir
 from shortened.options import check, from_mapping, option
-from shortened.validators.speed import BACKENDS
+from shortened.validators.timing import BACKENDS
 
 STEPS = ("score", "sweep", "prune", "retrain", "onnx", "tensorrt", "parity", "quality", "speed")
 PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
