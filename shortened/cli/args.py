@@ -103,7 +103,7 @@ def add_options(p, cls, *, exclude=(), suppress: bool = False, defaults: dict | 
         if defaults and f.name in defaults:
             f = _with_default(f, defaults[f.name])
         default = _default(f)
-        kw = dict(dest=f.name, help=help_text(f), default=argparse.SUPPRESS if suppress else default)
+        kw = dict(dest=f.name, help=help_text(f).replace("%", "%%"), default=argparse.SUPPRESS if suppress else default)
         args = _union_args(types_[f.name])
         tps = [t for t in args if t is not type(None) and typing.get_origin(t) is not typing.Literal]
         words = tuple(w for t in args if typing.get_origin(t) is typing.Literal for w in typing.get_args(t))
