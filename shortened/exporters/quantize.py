@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from shortened.errors import UsageError
+from shortened.model.families import geometry
 from shortened.options import check, option
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,8 @@ DEFAULT_HEAD_BITS = {4: 8, 8: 8}
 class QuantOptions:
     """How the MatMul weights are quantized (every field recorded in export.json, resolved)."""
 
-    method: str | None = option(None, "rtn (round to nearest), hqq, or gptq calibrated on --calib (default: int4 "
-                                "hqq, int8 rtn)", choices=METHODS, flag="--quant-method")  # fmt: skip
+    method: str = option("", "rtn (round to nearest), hqq, or gptq calibrated on --calib (default: int4 hqq, "
+                         "int8 rtn)", choices=METHODS, flag="--quant-method")  # fmt: skip
     block_size: int = option(32, "weights per scale along K (16..256, a power of 2)")
     symmetric: bool = option(True, "no zero points; --asymmetric: zero points per block (rtn; hqq is "
                              "always asymmetric)", flag="--asymmetric")  # fmt: skip
@@ -91,8 +92,8 @@ class QuantOptions:
     head: bool = option(
         True, "quantize the output head too; --no-quantize-head: keep it fp32", flag="--no-quantize-head"
     )
-    head_bits: int | None = option(None, "bits of the output head (and a tied embedding): 4, 8 (the default), 0: as "
-                                   "--precision", choices=(0, 4, 8))  # fmt: skip
+    head_bits: int = option(-1, "bits of the output head (and a tied embedding): 4, 8, 0: as --precision; -1: the "
+                            "precision's measured default (8)", choices=(0, 4, 8))  # fmt: skip
     embedding: bool = option(True, "tied: gather from the head's quantized table; untied int4 rtn: quantize the "
                              "table", cli=False)  # fmt: skip
     format: str = option("qoperator", "qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no "
@@ -101,15 +102,14 @@ class QuantOptions:
                                      "uint8", cli=False)  # fmt: skip
 
     def resolved(self, bits: int) -> QuantOptions:
-        """A copy with the precision's defaults filled in (what export.json records): method None or "", and
-        head_bits None or -1, mean the measured defaults (DEFAULT_METHOD, DEFAULT_HEAD_BITS)."""
+        """A copy with the precision's defaults filled in (what export.json records)."""
         import dataclasses
 
         qdq = self.format == "qdq"  # rtn and 4 bits throughout: what the quantizer writes as QDQ
         return dataclasses.replace(
             self,
             method=self.method or ("rtn" if qdq else DEFAULT_METHOD[bits]),
-            head_bits=(0 if qdq else DEFAULT_HEAD_BITS[bits]) if self.head_bits in (None, -1) else self.head_bits,
+            head_bits=(0 if qdq else DEFAULT_HEAD_BITS[bits]) if self.head_bits == -1 else self.head_bits,
         )
 
     def validate(self, bits: int) -> None:
@@ -119,7 +119,7 @@ class QuantOptions:
             raise UsageError(f"unknown quantization format {self.format!r}; choose qoperator or qdq")
         if self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
-        if self.head_bits not in (None, -1, 0, 4, 8):
+        if self.head_bits not in (-1, 0, 4, 8):
             raise UsageError(f"head bits must be 0 (as the weights), 4 or 8; got {self.head_bits}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy level must be 0..4, got {self.accuracy_level}")
@@ -250,7 +250,7 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     _unfuse_head(graph, inits)
     _name_nodes(graph)
     vocab = int(config.vocab_size)
-    hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
+    hidden = geometry(config).hidden
     head = _head_node(graph, inits, vocab)
     emb = _embedding_node(graph, inits)
     tied = bool(getattr(config, "tie_word_embeddings", False))

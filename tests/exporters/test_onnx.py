@@ -415,7 +415,7 @@ def test_export_options_make_the_flags_and_check_once(tiny_models, tmp_path, cap
         False, None, False, False, 64,
     )  # fmt: skip
     resolved = X.ExportOptions(**{**vars(opts)}).validate()
-    assert (resolved.quant.method, resolved.quant.head_bits) == ("hqq", 8) and opts.quant.method is None
+    assert (resolved.quant.method, resolved.quant.head_bits) == ("hqq", 8) and opts.quant.method == ""
     for bad, message in [
         (dict(precision="fp8"), "unknown precision 'fp8'"),
         (dict(opset=11), "--opset must be an integer >= 18"),
