@@ -290,7 +290,7 @@ def test_parity_options_make_the_flags_and_check_once(capsys):
         (dict(new_tokens=0), "new tokens must be"),
         (dict(precision="int2"), "unknown precision 'int2'"),
         (dict(threads="2"), "parity option threads must be an integer"),
-        (dict(provider="rocm"), "parity option provider must be one of auto, cpu, cuda, tensorrt"),
+        (dict(provider="rocm"), "unknown provider 'rocm'; choose one of auto, cpu, cuda, tensorrt"),
     ]:
         with pytest.raises(UsageError, match=re.escape(message)):
             ParityOptions(**bad).validate()
