@@ -6,13 +6,29 @@ import logging
 from pathlib import Path
 
 from shortened.converter import surgery
-from shortened.converter.criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
-from shortened.converter.pruning import check_scores_match, choose_blocks, load_scores, write_pruning_record
+from shortened.converter.criteria import BlockScores, check_criterion, protected_blocks, score_blocks
+from shortened.converter.pruning import (
+    blocks_for_ratio,
+    check_ratio,
+    check_scores_match,
+    choose_blocks,
+    load_scores,
+    write_pruning_record,
+)
 from shortened.converter.recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, fold
 from shortened.converter.selection import check_plan, plan_removal
 from shortened.data import CalibSpec, load_calibration
 from shortened.errors import UsageError
-from shortened.io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
+from shortened.io import (
+    atomic_dir,
+    atomic_file,
+    check_output_dir,
+    check_output_file,
+    fingerprint_path,
+    output_key,
+    up_to_date,
+    write_json,
+)
 from shortened.model.blocks import remove_blocks
 from shortened.model.checkpoint import save_checkpoint
 from shortened.model.families import num_blocks
@@ -80,16 +96,15 @@ def score(
         loaded = load_model(model, load, tokenizer=True if calib is not None else "optional")
     n = num_blocks(loaded.model.config)
     if iterative and num_remove is None and ratio is not None:
-        if not 0 < ratio < 1:
-            raise UsageError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
-        num_remove = max(1, round(ratio * n))
+        check_ratio(ratio)
+        num_remove = blocks_for_ratio(ratio, n)
     batch = load_calibration(calib, loaded.tokenizer) if calib is not None else None
     result = score_blocks(
         loaded.model, criterion, batch, protect, no_protect, iterative, num_remove, micro_batch, progress
     )
     result.model = model_fingerprint(loaded.source, loaded.model.config)
     if planned:
-        k = num_remove or max(1, round(ratio * n))
+        k = num_remove or blocks_for_ratio(ratio, n)
         protected = protected_blocks(n, protect, no_protect)
         sel = plan_removal(loaded, result, k, None, select, recover, calib, fit_spec, protected, micro_batch, ridge,
                            recover_order, progress)  # fmt: skip
@@ -146,10 +161,15 @@ def prune(
     perplexity after recovery, selection.py); recover: none or linear (recovery.py), fitted on `recover_samples`
     windows of `recover_calib` (default: the --calib source with seed + 1, so not the scoring windows), and folded
     in only where it lowers the calibration perplexity (`recover_always`: regardless)."""
+    settings = {k: v for k, v in locals().items() if k not in ("out", "force", "progress")}
     opts = load or LoadOptions()
     src = model
     inputs = {"model": src, "calibration": calib.source if calib is not None else None,
               "scores": scores if isinstance(scores, (str, Path)) else None}  # fmt: skip
+    recovery_calib = getattr(recover_calib, "source", recover_calib)
+    key = output_key({**inputs, "recovery calibration": recovery_calib}, settings)
+    if (done := up_to_date(out, key, force)) is not None:
+        return done
     check_output_dir(out, force, inputs)
     config = load_config(src, opts.trust_remote_code)
     check_micro_batch(micro_batch)
@@ -171,12 +191,7 @@ def prune(
         scores = load_scores(scores)
         check_scores_match(scores, config)
     if scores is None and blocks is None:
-        if criterion in DATA_DRIVEN and calib is None:
-            raise UsageError(f"criterion {criterion} needs calibration data; pass --calib FILE")
-        if iterative and criterion not in DATA_DRIVEN:
-            raise UsageError(
-                f"iterative mode needs a data-driven criterion ({', '.join(DATA_DRIVEN)}), not {criterion}"
-            )
+        check_criterion(criterion, calib is not None, iterative)
     if calib is not None:
         calib.validate()
     if recover == "auto" and 0 in (set(blocks or []) | (set(range(n)) - protected)):
@@ -188,7 +203,7 @@ def prune(
     loaded = None
     if blocks is None and scores is None:
         loaded = load_model(src, opts, tokenizer=True if calib is not None or planned else "optional")
-        num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
+        num = remove if remove is not None else (blocks_for_ratio(ratio, n) if ratio and 0 < ratio < 1 else None)
         it = iterative or (planned and select in ("iterative", "best") and criterion == "ppl")  # step 1 = ppl's
         scores = score(loaded, criterion, calib, protect, no_protect, it, num, ratio, micro_batch, progress=progress)
     order = [i for i in scores.removal_order if i not in protected] if scores else None
@@ -212,7 +227,11 @@ def prune(
     else:
         loaded = loaded or load_model(src, opts, tokenizer="optional")
         remove_blocks(loaded.model, removed)
-    with atomic_dir(out, force, inputs) as tmp:
+    res = {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed),
+           "method": "surgery" if by_surgery else "in_memory"}  # fmt: skip
+    if selection is not None:
+        res.update(selected_by=selection.chosen, recovery="linear" if selection.best.recovered else "none")
+    with atomic_dir(out, force, inputs, key=key, result=res) as tmp:
         if by_surgery:
             surgery.cut_checkpoint(src, tmp, removed, opts, progress)
         else:
@@ -223,8 +242,4 @@ def prune(
             from shortened.plots import plot_block_scores
 
             plot_block_scores(scores, tmp / "scores.png", removed=removed)
-    res = {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed),
-           "method": "surgery" if by_surgery else "in_memory"}  # fmt: skip
-    if selection is not None:
-        res.update(selected_by=selection.chosen, recovery="linear" if selection.best.recovered else "none")
     return res

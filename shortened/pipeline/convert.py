@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import time
@@ -33,6 +32,7 @@ from shortened.io import (
 )
 from shortened.pipeline.config import ConvertConfig
 from shortened.pipeline.report import evaluate_gates, render_report, summary_table
+from shortened.versions import RUN_PACKAGES, versions
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +99,6 @@ def _replace_dir(path: Path) -> Path:
     if path.exists():
         shutil.rmtree(path)
     return path
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    from shortened import __version__
-
-    out = {"shortened": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "tensorrt", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _relocate_text(work: Path, out: Path) -> None:
@@ -551,7 +537,7 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
     if scores is not None:
         plot_block_scores(scores, work / "scores.png", removed=pruned["removed"])
     manifest = {
-        "tool": _versions(),
+        "tool": versions(RUN_PACKAGES, environment=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "inputs": {"model": model_fp, "calibration": calib_fp if cfg.calib else None},
         "config": dataclasses.asdict(cfg),
