@@ -487,7 +487,8 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
 
         def do_speed():
             from shortened.io import remove_output_file
-            from shortened.validators.speed import bench
+            from shortened.pipeline.bench import bench
+            from shortened.validators.speed import SpeedOptions
 
             for name in ("speed.json", "speed.png"):  # the previous run's (relocated) reports
                 remove_output_file(work / name)
@@ -498,16 +499,18 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
             rep = bench(
                 orig,
                 str(final_dir),
+                SpeedOptions(
+                    batch_sizes=cfg.batch_sizes,
+                    prompt_len=cfg.prompt_len,
+                    new_tokens=cfg.new_tokens,
+                    repeats=cfg.repeats,
+                    ci_target=cfg.speed_ci_target or None,
+                    time_budget_s=cfg.speed_time_budget,
+                    device="cuda" if cfg.device != "cpu" else "cpu",
+                    precision=precisions[0],
+                ),
                 backend=cfg.speed_backend,
-                batch_sizes=cfg.batch_sizes,
-                prompt_len=cfg.prompt_len,
-                new_tokens=cfg.new_tokens,
-                repeats=cfg.repeats,
-                ci_target=cfg.speed_ci_target or None,
-                time_budget_s=cfg.speed_time_budget,
                 width_baseline=cfg.width_baseline,
-                device="cuda" if cfg.device != "cpu" else "cpu",
-                precision=precisions[0],
                 optimize=cfg.optimize,
                 onnx_dirs={"candidate": str(work / "onnx")} if cfg.speed_backend == "onnxruntime" else None,
                 extra_candidates={f"candidate-{p}": str(_onnx_dir(work, cfg, p)) for p in precisions[1:]}
