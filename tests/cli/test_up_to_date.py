@@ -50,7 +50,8 @@ def commands(w) -> dict:
     return {
         "prune": (["prune", w["model"], "--blocks", "2", "--no-protect"],
                   ["prune", w["model"], "--blocks", "3", "--no-protect"]),
-        "export onnx": (["export", "onnx", w["pruned"]], ["export", "onnx", w["pruned"], "--no-cache"]),
+        "export onnx": (["export", "onnx", w["pruned"], "--no-cache"],  # no cache: a quick trace
+                        ["export", "onnx", w["pruned"], "--no-cache", "--opset", "19"]),
         "retrain": (retrain, [*retrain, "--lr", "0.001"]),
         "width-prune": (["width-prune", w["model"], "--match", w["pruned"]],
                         ["width-prune", w["model"], "--match", w["pruned"], "--multiple-of", "8"]),
