@@ -221,13 +221,13 @@ def _convert(cfg: ConvertConfig, out: Path, work: Path, progress: bool, say) -> 
 
         s = score(
             cfg.model,
-            cfg.criterion,
             calib,
-            cfg.protect,
-            cfg.no_protect,
-            bool(iterative),
-            cfg.remove or None,
-            fixed_ratio if fixed_ratio is not None else 0.2,
+            criterion=cfg.criterion,
+            protect=cfg.protect,
+            no_protect=cfg.no_protect,
+            iterative=bool(iterative),
+            num_remove=cfg.remove or None,
+            ratio=fixed_ratio if fixed_ratio is not None else 0.2,
             load=load_opts,
             progress=progress,
         )
