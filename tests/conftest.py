@@ -17,6 +17,56 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"]
 CORE_FAMILIES = ["llama", "mistral", "qwen2"]
 
 
+def pytest_generate_tests(metafunc):
+    """A test that takes `family` runs once per supported family, `core_family` once per core one."""
+    for name, values in (("family", FAMILIES), ("core_family", CORE_FAMILIES)):
+        if name in metafunc.fixturenames and not any(
+            name in m.args[0] for m in metafunc.definition.iter_markers("parametrize")
+        ):
+            metafunc.parametrize(name, values)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    """The repository root (benchmarks/, Makefile)."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """Real English text (../shared/data/text/corpus_en.txt; may be absent off this project's machines)."""
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    """WikiText-2's raw test split (../shared/data/wikitext2/test.raw.txt; may be absent)."""
+    return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED
+
+
+@pytest.fixture(scope="session", name="tiny_config")
+def _tiny_config_fixture():
+    """tiny_config(model_type, layers=6, vocab=256): a small config of a family."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session", name="char_tokenizer")
+def _char_tokenizer_fixture():
+    """char_tokenizer(vocab=256): an offline character-level fast tokenizer."""
+    return char_tokenizer
+
+
+@pytest.fixture(scope="session", name="make_tiny")
+def _make_tiny_fixture():
+    """make_tiny(model_type, path, layers=6, seed=0): a saved random checkpoint of a family."""
+    return make_tiny
+
+
 def tiny_config(model_type: str, layers: int = 6, vocab: int = 256):
     from transformers import AutoConfig
 

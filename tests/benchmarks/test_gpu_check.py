@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _kit():

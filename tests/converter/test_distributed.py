@@ -14,12 +14,14 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-from conftest import CORPUS, REPO
 
 from shortened.converter.retrain import retrain
 from shortened.converter.steps import prune
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -74,11 +76,11 @@ def train_losses(out) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_models, tmp_path_factory):
+def runs(tiny_models, tmp_path_factory, corpus):
     """The 2-process runs (one launch), the resumed CLI run, and the 1-process references: {name: out dir}."""
     root = tmp_path_factory.mktemp("ddp")
     text = root / "train.txt"
-    text.write_text(CORPUS.read_text()[:6000] if CORPUS.is_file() else "the quick brown fox jumps. " * 300)
+    text.write_text(corpus.read_text()[:6000] if corpus.is_file() else "the quick brown fox jumps. " * 300)
     teacher = tiny_models["llama"]
     student = root / "student"
     prune(str(teacher), student, blocks=[2, 3], no_protect=True, progress=False)

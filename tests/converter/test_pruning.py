@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES
 
 from shortened.converter.criteria import (
     bi_scores,
@@ -51,7 +50,6 @@ class SkipBlocks:
             h.remove()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_checkpoint_generates_like_skipping_blocks(family, tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -82,7 +80,6 @@ def test_pruned_checkpoint_generates_like_skipping_blocks(family, tiny_models, t
     torch.testing.assert_close(pruned(prompt).logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_ppl_fast_equals_naive_leave_one_out(family, tiny_models, calib_file):
     m = _load(tiny_models[family])
     batch = _batch(m, calib_file)

@@ -161,9 +161,7 @@ def _naive_ppl(model, batch, removed, maps=None):
     return float(torch.exp(nll))
 
 
-def test_span_search_picks_the_known_best_set(calib_file, tmp_path):
-    from conftest import make_tiny
-
+def test_span_search_picks_the_known_best_set(calib_file, tmp_path, make_tiny):
     m = _with_identity_blocks(make_tiny("llama", tmp_path / "l8", layers=8), [4, 5])
     batch = _batch(m, calib_file, n=3)
     base = variant_ppl(m.model, cache_hiddens(m.model, batch), [])
@@ -184,14 +182,12 @@ def test_span_search_picks_the_known_best_set(calib_file, tmp_path):
     torch.testing.assert_close(sel.candidates[3].recovery.maps[3], eye, atol=1e-5, rtol=0)
 
 
-def test_budget_picks_largest_k_within_ratio(calib_file, tmp_path):
+def test_budget_picks_largest_k_within_ratio(calib_file, tmp_path, make_tiny):
     rows = [{"k": 1, "heldout_ppl": 11.0}, {"k": 2, "heldout_ppl": 14.0, "recovered": True,
             "heldout_ppl_recovered": 12.0}, {"k": 3, "heldout_ppl": 13.0}, {"k": 4, "heldout_ppl": 30.0}]  # fmt: skip
     assert pick_k(rows, 10.0, 1.25) == 2  # k=3's 13.0 is over 12.5; the recovered 12.0 counts for k=2
     assert pick_k(rows, 10.0, 1.35) == 3
     assert pick_k(rows, 10.0, 1.05) == 0
-
-    from conftest import make_tiny
 
     src = make_tiny("llama", tmp_path / "l8", layers=8)
     text = tmp_path / "heldout.txt"

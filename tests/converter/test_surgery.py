@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, REPO
 from safetensors import safe_open
 
 from shortened.converter.steps import prune
@@ -18,6 +17,8 @@ from shortened.converter.surgery import block_key_pattern, renamed
 from shortened.model.blocks import remove_blocks
 from shortened.model.checkpoint import save_checkpoint
 from shortened.model.loading import load_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tensors_of(d: Path) -> dict[str, torch.Tensor]:
@@ -43,7 +44,6 @@ def without_version(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k != "transformers_version"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_surgery_matches_load_prune_save(family, tiny_models, tmp_path):
     src = tiny_models[family]
     res = prune(str(src), tmp_path / "cut", blocks=[1, 3, 4], no_protect=True, progress=False)
@@ -94,7 +94,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     else:
         from shortened.model.checkpoint import save_checkpoint
         from shortened.model.loading import load_model
-        from shortened.converter.pruning import remove_blocks
+        from shortened.model.blocks import remove_blocks
         m = load_model(src)
         remove_blocks(m.model, [3, 4, 5, 6, 7, 8])
         save_checkpoint(m.model, m.tokenizer, Path(out))
@@ -112,9 +112,8 @@ def peak_rss(mode: str, src: Path, out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sharded_checkpoint(tmp_path_factory) -> tuple[Path, int]:
+def sharded_checkpoint(tmp_path_factory, char_tokenizer) -> tuple[Path, int]:
     """~370 MB fp32 LLaMA (hidden 768, 12 blocks of 28 MB) in shards of <= 40 MB; (dir, largest shard bytes)."""
-    from conftest import char_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(

@@ -61,10 +61,8 @@ def synthetic_graph(path, kv_type=TensorProto.FLOAT, weight_type=TensorProto.FLO
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory):
+def tiny_onnx(tmp_path_factory, make_tiny):
     """A 2-block random LLaMA exported once for this module."""
-    from conftest import make_tiny
-
     root = tmp_path_factory.mktemp("trt")
     return export_tiny_onnx(make_tiny("llama", root / "llama", layers=2), root / "onnx")
 
@@ -250,11 +248,10 @@ def gpu():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_engine_build_parity_and_speed(gpu, precision, tmp_path_factory, capsys):
+def test_engine_build_parity_and_speed(gpu, precision, tmp_path_factory, capsys, make_tiny):
     """Build a tiny LLaMA engine, check it against the fp32 PyTorch model with the parity validator's named
     tolerances (left-padded batch, cached decode), and time a greedy run."""
     import torch
-    from conftest import make_tiny
     from transformers import AutoModelForCausalLM
 
     from shortened.runtime.base import greedy_generate

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CORPUS, WIKITEXT
 
 from shortened.converter.steps import prune, score
 from shortened.data import CalibSpec
@@ -18,16 +17,16 @@ WINDOWS = 60  # 60 x 128 tokens of WikiText-2 test keeps the test short; the ful
 
 
 @pytest.fixture(scope="module")
-def calib():
-    if not CORPUS.is_file():
+def calib(corpus):
+    if not corpus.is_file():
         pytest.skip("../shared/data is not present")
-    return CalibSpec(str(CORPUS), num_samples=10, seq_len=128, seed=0)
+    return CalibSpec(str(corpus), num_samples=10, seq_len=128, seed=0)
 
 
-def test_smollm2_ppl_and_taylor_prune_6_of_30(smollm2, calib, tmp_path, capsys):
+def test_smollm2_ppl_and_taylor_prune_6_of_30(smollm2, calib, tmp_path, capsys, wikitext):
     loaded = load_model(str(smollm2))
     assert loaded.model.config.num_hidden_layers == 30
-    base = perplexity(loaded.model, loaded.tokenizer, str(WIKITEXT), 128, max_windows=WINDOWS, progress=False)
+    base = perplexity(loaded.model, loaded.tokenizer, str(wikitext), 128, max_windows=WINDOWS, progress=False)
     assert 5 < base.ppl < 200  # a real pretrained model (random weights give tens of thousands)
 
     lines = [f"SmolLM2-135M original: WikiText-2 PPL {base.ppl:.2f} ({base.windows} x 128-token windows)"]
@@ -40,7 +39,7 @@ def test_smollm2_ppl_and_taylor_prune_6_of_30(smollm2, calib, tmp_path, capsys):
         assert res["kept"] == 24 and res["removed"] == sorted(s.removal_order[:6])
         pruned = load_model(str(out))
         assert pruned.model.config.num_hidden_layers == 24
-        p = perplexity(pruned.model, pruned.tokenizer, str(WIKITEXT), 128, max_windows=WINDOWS, progress=False)
+        p = perplexity(pruned.model, pruned.tokenizer, str(wikitext), 128, max_windows=WINDOWS, progress=False)
         assert base.ppl < p.ppl < 20 * base.ppl
         if criterion == "ppl":
             assert s.base_ppl and all(s.scores[i] > s.base_ppl * 0.9 for i in s.candidates)
@@ -53,7 +52,7 @@ def test_smollm2_ppl_and_taylor_prune_6_of_30(smollm2, calib, tmp_path, capsys):
         print("\n" + "\n".join(lines))
 
 
-def test_smollm2_convert_end_to_end(smollm2, tmp_path, capsys):
+def test_smollm2_convert_end_to_end(smollm2, tmp_path, capsys, corpus, wikitext):
     """`shortened convert` on the real model, scaled down to minutes: Taylor on 4 x 64 tokens, 6 of 30 blocks (the
     paper's top-k path; selection and recovery have tests of their own), the onnxruntime-optimized export, parity,
     perplexity, speed. Then a re-run reuses every step and a gate that cannot pass gives exit code 1 with the
@@ -61,13 +60,13 @@ def test_smollm2_convert_end_to_end(smollm2, tmp_path, capsys):
     from shortened.cli import main
     from shortened.io import sha256_file
 
-    if not CORPUS.is_file():
+    if not corpus.is_file():
         pytest.skip("../shared/data is not present")
     out = tmp_path / "build"
     args = [
-        "convert", "--model", str(smollm2), "--out", str(out), "--calib", str(CORPUS), "--criterion", "taylor",
+        "convert", "--model", str(smollm2), "--out", str(out), "--calib", str(corpus), "--criterion", "taylor",
         "--select", "topk", "--recover", "none", "--num-samples", "4", "--seq-len", "64", "--ratio", "0.2",
-        "--optimize", "--eval-text", str(WIKITEXT),
+        "--optimize", "--eval-text", str(wikitext),
         "--eval-max-windows", "4", "--parity-new-tokens", "4", "--speed-backend", "torch", "--batch-sizes", "1",
         "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1", "--no-width-baseline", "--quiet",
     ]  # fmt: skip
