@@ -18,6 +18,7 @@ import torch
 
 from shortened.converter.criteria import ppl_scores, ppl_scores_naive, protected_blocks
 from shortened.data import CalibSpec, load_calibration
+from shortened.model.cost import flops_per_token
 from shortened.model.families import num_blocks
 from shortened.model.loading import load_model
 
@@ -27,12 +28,8 @@ DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 def ideal_ratio(config, candidates) -> float:
     """Per-token FLOPs: naive runs every block + head per candidate; fast runs one full pass, then for each
     candidate i the blocks after i + head. Attention scores are ignored (short sequences)."""
-    h, f, L = config.hidden_size, config.intermediate_size, num_blocks(config)
-    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    kv = config.num_key_value_heads * hd
-    block = 2 * (h * (h + 2 * kv) + h * h) + 2 * 3 * h * f
-    head = 2 * h * config.vocab_size
-    full = L * block + head
+    f = flops_per_token(config)
+    L, block, head, full = f["layers"], f["block"], f["head"], f["total"]
     naive = len(candidates) * full
     fast = full + sum((L - i - 1) * block + head for i in candidates)
     return fast / naive

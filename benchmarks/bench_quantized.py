@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-DEFAULT_BLOCKS = [12, 13, 14, 15, 17, 26]  # the PPL criterion's first 6 removals on SmolLM2 (bench_speed.py)
+from speed_setup import DEFAULT_BLOCKS, prepare
+
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "test.raw.txt"
 
 
@@ -37,37 +36,21 @@ def _size(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.name.startswith("model.onnx"))
 
 
-def prepare(args, work: Path) -> dict:
-    from shortened.converter.steps import prune
-    from shortened.exporters.onnx import export_onnx
+def prepare_quantized(args, work: Path) -> dict:
+    """The shared setup (pruned checkpoint, fused fp32 export, genai's int4 build), then int4 and int8 exports
+    quantized from the fp32 one."""
     from shortened.exporters.quantize import quantize_export
 
-    pruned = work / "pruned"
-    if not (pruned / "config.json").is_file():
-        prune(args.model, pruned, blocks=args.blocks, progress=False)
-    paths = {"original": Path(args.model), "pruned": pruned, "fp32": work / "onnx-fp32"}
-    if not (paths["fp32"] / "export.json").is_file():
-        export_onnx(str(pruned), paths["fp32"], optimize=True, force=True)
+    paths = prepare(args.model, work, args.blocks, {"onnx-fp32": ("pruned", True)}, genai=("genai-int4", "int4"))
+    paths["fp32"] = paths["onnx-fp32"]
     for p in ("int4", "int8"):
         paths[p] = work / f"onnx-{p}"
         if not (paths[p] / "export.json").is_file():
             quantize_export(paths["fp32"], paths[p], p, force=True)
-    genai = work / "genai-int4"
-    if not (genai / "genai_config.json").is_file():
-        tmp = work / ".genai-tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(pruned), "-o", str(tmp),
-               "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")]  # fmt: skip
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"onnxruntime-genai model builder failed:\n{r.stderr[-2000:]}")
-        shutil.copy(pruned / "config.json", tmp / "config.json")
-        tmp.rename(genai)
-    paths["genai-int4"] = genai
     return paths
 
 
-def main() -> int:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(Path.home() / ".cache/shortened/smollm2-135m-instruct"))
     p.add_argument("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)))
@@ -84,67 +67,52 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="exit 1 when a goal is missed or not resolved")
     args = p.parse_args()
     args.blocks = [int(x) for x in args.blocks.split(",") if x]
+    return args
 
-    from shortened.io import write_json
-    from shortened.validators.speed import ModelSpec, build_rows, measure, pairwise_speedups, speedup_stats
 
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    P = prepare(args, work)
+def measure_models(args, P: dict) -> dict:
+    """The five models (see the module doc), interleaved at batch 1 against PyTorch eager on the original."""
+    from shortened.validators.timing import ModelSpec, SpeedOptions, measure
+
     cfg = str(P["pruned"])
-    t = args.threads
     specs = [
-        ModelSpec("eager-original", str(P["original"]), "hf-generate", threads=t),
-        ModelSpec("ours-fp32", str(P["fp32"]), "genai", threads=t, config_path=cfg),
-        ModelSpec("ours-int4", str(P["int4"]), "genai", threads=t, config_path=cfg),
-        ModelSpec("genai-int4", str(P["genai-int4"]), "genai", threads=t, config_path=cfg),
-        ModelSpec("ours-int4-loop", str(P["int4"]), "onnxruntime", threads=t, config_path=cfg),
+        ModelSpec("eager-original", str(P["original"]), "hf-generate"),
+        ModelSpec("ours-fp32", str(P["fp32"]), "genai", config_path=cfg),
+        ModelSpec("ours-int4", str(P["int4"]), "genai", config_path=cfg),
+        ModelSpec("genai-int4", str(P["genai-int4"]), "genai", config_path=cfg),
+        ModelSpec("ours-int4-loop", str(P["int4"]), "onnxruntime", config_path=cfg),
     ]
-    raw = measure(specs, (1,), args.prompt_len, args.new_tokens, args.repeats, 1, ci_target=args.ci_target,
-                  time_budget_s=args.time_budget, baseline="eager-original", progress=True)  # fmt: skip
-    runs = raw["runs"][1]
-    rows = {r["model"]: r for r in build_rows({1: runs}, baseline="eager-original")}
-    dec = {n: r["decode_s"] for n, r in rows.items()}
+    options = SpeedOptions(batch_sizes=[1], prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                           repeats=args.repeats, warmup=1, threads=args.threads, ci_target=args.ci_target,
+                           time_budget_s=args.time_budget)  # fmt: skip
+    return measure(specs, options, baseline="eager-original", progress=True)
 
-    def pair(a, b):  # decode speedup of b over a, pair by pair, with its interval
-        return speedup_stats(pairwise_speedups(dec[a], dec[b]))
 
-    vs_genai, vs_eager = pair("genai-int4", "ours-int4"), pair("eager-original", "ours-int4")
-    ppl = {}
-    if not args.skip_ppl:
-        from shortened.validators.quality import perplexity_onnx
+def perplexities(args, P: dict) -> dict:
+    """WikiText-2 perplexity of each export through onnxruntime, the same windows for all."""
+    from transformers import AutoTokenizer
 
-        for name in ("fp32", "int4", "int8", "genai-int4"):
-            tok_dir = P["pruned"]
-            from transformers import AutoTokenizer
+    from shortened.validators.quality import perplexity_onnx
 
-            r = perplexity_onnx(P[name], AutoTokenizer.from_pretrained(tok_dir), args.eval_text, 128,
-                                max_windows=args.windows, threads=t, progress=False)  # fmt: skip
-            ppl[name] = r.ppl
-    goals = [
-        ("ours-int4 / genai-int4 decode (genai runtime)", vs_genai, 1.0),
-        ("ours-int4 / PyTorch fp32 eager original", vs_eager, 4.0),
-    ]
-    s = raw["load_average"]
-    print(f"\nSmolLM2, blocks {args.blocks} removed; CPU batch 1, prompt {args.prompt_len}, {args.new_tokens} new "
-          f"tokens, {t} threads pinned to the same cores; {raw['repetitions'][1]['n']} interleaved repetitions "
-          f"(resolved to +-{args.ci_target:.0%}: {raw['repetitions'][1]['resolved']}); load average before "
-          f"{s['before']}, after {s['after']} on {os.cpu_count()} CPUs")  # fmt: skip
-    ref = raw["tokens"][1]["ours-fp32"]
-    sizes = {"eager-original": None, "ours-fp32": _size(P["fp32"]), "ours-int4": _size(P["int4"]),
-             "genai-int4": _size(P["genai-int4"]), "ours-int4-loop": _size(P["int4"])}  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(P["pruned"])
+    return {name: perplexity_onnx(P[name], tok, args.eval_text, 128, max_windows=args.windows, threads=args.threads,
+                                  progress=False).ppl
+            for name in ("fp32", "int4", "int8", "genai-int4")}  # fmt: skip
+
+
+def print_rows(rows: dict, tokens: dict, sizes: dict) -> None:
+    ref = tokens["ours-fp32"]
     print("\n| model | file MB | first token ms | decode ms/token | decode tok/s | same greedy tokens as ours-fp32 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for n, r in rows.items():
-        toks = raw["tokens"][1][n]
-        same = sum(a == b for a, b in zip(toks, ref))
+        same = sum(a == b for a, b in zip(tokens[n], ref))
         mb = f"{sizes[n] / 1e6:.1f}" if sizes.get(n) else "-"
         print(f"| {n} | {mb} | {r['prefill_ms']['median']:.1f} | {r['decode_ms_per_token']['median']:.2f} "
               f"| {r['tokens_per_s']['median']:.1f} | {same}/{len(ref)} |")  # fmt: skip
-    if ppl:
-        print(f"\nWikiText-2 perplexity through onnxruntime ({args.windows} x 128): "
-              + ", ".join(f"{k} {v:.2f} ({v / ppl['fp32']:.3f}x fp32)" for k, v in ppl.items()))  # fmt: skip
-        print(f"int8 file {_size(P['int8']) / 1e6:.1f} MB")
+
+
+def print_goals(goals: list, ppl: dict) -> int:
+    """The goals table (a goal passes only when its interval's lower end does); returns how many were missed."""
     print("\n| goal | median [95% interval] | target | verdict |")
     print("| --- | --- | --- | --- |")
     missed = 0
@@ -158,6 +126,43 @@ def main() -> int:
         ratio = ppl["int4"] / ppl["fp32"]
         missed += ratio > 1.10
         print(f"| int4 / fp32 WikiText-2 perplexity | {ratio:.3f} | <= 1.10 | {'PASS' if ratio <= 1.10 else 'MISS'} |")
+    return missed
+
+
+def main() -> int:
+    args = parse_args()
+    from shortened.io import write_json
+    from shortened.validators.speed_report import build_rows
+    from shortened.validators.stats import pairwise_speedups, speedup_stats
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    P = prepare_quantized(args, work)
+    raw = measure_models(args, P)
+    rows = {r["model"]: r for r in build_rows({1: raw["runs"][1]}, baseline="eager-original")}
+    dec = {n: r["decode_s"] for n, r in rows.items()}
+
+    def pair(a, b):  # decode speedup of b over a, pair by pair, with its interval
+        return speedup_stats(pairwise_speedups(dec[a], dec[b]))
+
+    ppl = {} if args.skip_ppl else perplexities(args, P)
+    goals = [
+        ("ours-int4 / genai-int4 decode (genai runtime)", pair("genai-int4", "ours-int4"), 1.0),
+        ("ours-int4 / PyTorch fp32 eager original", pair("eager-original", "ours-int4"), 4.0),
+    ]
+    s = raw["load_average"]
+    print(f"\nSmolLM2, blocks {args.blocks} removed; CPU batch 1, prompt {args.prompt_len}, {args.new_tokens} new "
+          f"tokens, {args.threads} threads pinned to the same cores; {raw['repetitions'][1]['n']} interleaved "
+          f"repetitions (resolved to +-{args.ci_target:.0%}: {raw['repetitions'][1]['resolved']}); load average "
+          f"before {s['before']}, after {s['after']} on {os.cpu_count()} CPUs")  # fmt: skip
+    sizes = {"eager-original": None, "ours-fp32": _size(P["fp32"]), "ours-int4": _size(P["int4"]),
+             "genai-int4": _size(P["genai-int4"]), "ours-int4-loop": _size(P["int4"])}  # fmt: skip
+    print_rows(rows, raw["tokens"][1], sizes)
+    if ppl:
+        print(f"\nWikiText-2 perplexity through onnxruntime ({args.windows} x 128): "
+              + ", ".join(f"{k} {v:.2f} ({v / ppl['fp32']:.3f}x fp32)" for k, v in ppl.items()))  # fmt: skip
+        print(f"int8 file {_size(P['int8']) / 1e6:.1f} MB")
+    missed = print_goals(goals, ppl)
     write_json(work / "bench_quantized.json", {"settings": vars(args), "rows": rows, "goals": goals, "ppl": ppl,
                                                 "sizes": sizes, "load_average": s, "tokens": raw["tokens"],
                                                 "repetitions": raw["repetitions"]})  # fmt: skip

@@ -15,29 +15,17 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_BLOCKS = [12, 13, 14, 15, 17, 26]
+from speed_setup import DEFAULT_BLOCKS
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(Path.home() / ".cache/shortened/smollm2-135m-instruct"))
-    p.add_argument("--work-dir", default="out/bench-speed-repeat")
-    p.add_argument("--batch-sizes", default="1", help="comma list (the demo: 1,8)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--time-budget", type=float, default=120.0)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--check", action="store_true")
-    args = p.parse_args()
-
+def prepare(args, work: Path) -> tuple[Path, Path, dict, Path]:
+    """(pruned checkpoint, width baseline, {name: fused ONNX export}, the candidate's int4 export), each made once."""
     from shortened.converter.steps import prune
     from shortened.converter.width import width_prune
     from shortened.exporters.onnx import export_onnx
     from shortened.exporters.quantize import quantize_export
-    from shortened.model.cost import count_params_of_config
-    from shortened.validators.speed import _config, bench
+    from shortened.model.cost import _config, count_params_of_config
 
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     pruned, width = work / "pruned", work / "width"
     if not (pruned / "config.json").is_file():
         prune(args.model, pruned, blocks=DEFAULT_BLOCKS, progress=False)
@@ -51,16 +39,11 @@ def main() -> int:
     int4 = work / "candidate-int4-onnx"
     if not (int4 / "export.json").is_file():
         quantize_export(dirs["candidate"], int4, "int4", force=True)
-    reports = []
-    for run in (1, 2):
-        batches = [int(b) for b in args.batch_sizes.split(",")]
-        rep = bench(args.model, str(pruned), backend="onnxruntime", batch_sizes=batches, prompt_len=128,
-                    new_tokens=32, repeats=args.repeats, width_baseline=str(width), threads=args.threads,
-                    optimize=True, onnx_dirs=dirs, extra_candidates={"candidate-int4": str(int4)},
-                    time_budget_s=args.time_budget, report=work / f"speed-{run}.json", plot=work / f"speed-{run}.png",
-                    progress=False)  # fmt: skip
-        print(f"\n## run {run}\n\n{rep.table()}")
-        reports.append(rep)
+    return pruned, width, dirs, int4
+
+
+def compare(reports: list) -> int:
+    """The two runs' intervals side by side; returns how many disagree."""
     print("\n| batch | model | run 1 [95% interval] | run 2 [95% interval] | overlap |")
     print("| --- | --- | --- | --- | --- |")
     bad = 0
@@ -79,6 +62,37 @@ def main() -> int:
             same = v1 == v2
             bad += not same and "not resolved" not in (v1, v2)
             print(f"| {r1['batch']} | depth vs width | {v1} | {v2} | {'same' if same else 'DIFFERENT'} |")
+    return bad
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(Path.home() / ".cache/shortened/smollm2-135m-instruct"))
+    p.add_argument("--work-dir", default="out/bench-speed-repeat")
+    p.add_argument("--batch-sizes", default="1", help="comma list (the demo: 1,8)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--time-budget", type=float, default=120.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args()
+
+    from shortened.pipeline.bench import bench
+    from shortened.validators.speed import SpeedOptions
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    pruned, width, dirs, int4 = prepare(args, work)
+    reports = []
+    for run in (1, 2):
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        options = SpeedOptions(batch_sizes=batches, prompt_len=128, new_tokens=32, repeats=args.repeats,
+                               threads=args.threads, time_budget_s=args.time_budget)  # fmt: skip
+        rep = bench(args.model, str(pruned), options, backend="onnxruntime", width_baseline=str(width), optimize=True,
+                    onnx_dirs=dirs, extra_candidates={"candidate-int4": str(int4)}, report=work / f"speed-{run}.json",
+                    plot=work / f"speed-{run}.png", progress=False)  # fmt: skip
+        print(f"\n## run {run}\n\n{rep.table()}")
+        reports.append(rep)
+    bad = compare(reports)
     return 1 if (args.check and bad) else 0
 
 

@@ -122,10 +122,11 @@ def variants(base: dict, smoke: bool) -> dict:
 
     from shortened.converter.width import plan_width
     from shortened.model.cost import count_params_of_config
+    from shortened.model.families import geometry
 
     orig = LlamaConfig(**base, tie_word_embeddings=False)
     out = {"original": orig}
-    n = orig.num_hidden_layers
+    n = geometry(orig).layers
     for r in RATIOS:
         depth = LlamaConfig(**{**base, "num_hidden_layers": n - round(r * n)}, tie_word_embeddings=False)
         out[f"depth-{round(r * 100)}%"] = depth
@@ -222,7 +223,8 @@ def run_speed(args, deadline: float) -> list[dict]:
     import torch
 
     from shortened.model.cost import count_params_of_config, flops_per_token
-    from shortened.validators.speed import summarize
+    from shortened.model.families import geometry
+    from shortened.validators.stats import summarize
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -233,9 +235,9 @@ def run_speed(args, deadline: float) -> list[dict]:
         cfgs = variants(base, args.smoke)
         flops0 = flops_per_token(cfgs["original"], ctx)["total"]
         for name, cfg in cfgs.items():
-            info = {"base": base_name, "variant": name, "blocks": cfg.num_hidden_layers,
-                    "params": count_params_of_config(cfg), "intermediate_size": cfg.intermediate_size,
-                    "kv_heads": cfg.num_key_value_heads,
+            g = geometry(cfg)
+            info = {"base": base_name, "variant": name, "blocks": g.layers,
+                    "params": count_params_of_config(cfg), "intermediate_size": g.intermediate, "kv_heads": g.kv_heads,
                     "ideal_speedup": round(flops0 / flops_per_token(cfg, ctx)["total"], 4)}  # fmt: skip
             if time.time() > deadline:
                 rows += [{**info, "batch": b, "skipped": "over the time budget"} for b in args.batches]

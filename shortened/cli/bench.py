@@ -62,30 +62,34 @@ def register(sub, groups) -> None:
 
 
 def cmd_bench(args) -> int:
-    from shortened.validators.speed import bench
+    from shortened.pipeline.bench import bench
+    from shortened.validators.speed import SpeedOptions
 
-    rep = bench(
-        args.original,
-        args.candidate,
-        backend=args.backend,
+    options = SpeedOptions(
         batch_sizes=args.batch_sizes,
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         warmup=args.warmup,
-        width_baseline=args.width_baseline,
         device=args.device,
         threads=args.threads,
         precision=args.precision,
-        optimize=args.optimize,
         seed=args.seed,
+        ci_target=args.ci_target or None,
+        time_budget_s=args.time_budget,
+        max_repeats=args.max_repeats,
+    )
+    rep = bench(
+        args.original,
+        args.candidate,
+        options,
+        backend=args.backend,
+        width_baseline=args.width_baseline,
+        optimize=args.optimize,
         onnx_dirs={"original": args.original_onnx, "candidate": args.candidate_onnx},
         work_dir=args.work_dir,
         report=args.report,
         plot=args.plot,
-        ci_target=args.ci_target or None,
-        time_budget_s=args.time_budget,
-        max_repeats=args.max_repeats,
     )
     print(rep.table())
     return 0

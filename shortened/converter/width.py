@@ -9,7 +9,8 @@ depth-pruned candidate's count).
 
 Sizing: the number of head groups kept is round(groups * r), r being the fraction of block parameters that must
 remain; the MLP width then takes up the rest (the count is affine in intermediate_size, solved exactly).
-GPT-2 derives its head size from hidden_size / n_head, so there only the MLP is narrowed.
+GPT-2 derives its head size from hidden_size / n_head, so there only the MLP is narrowed. Where each family keeps
+its projections (packed or not, Linear or Conv1D) is its row's `width` in model/families.py.
 """
 
 from __future__ import annotations
@@ -21,53 +22,56 @@ import torch
 
 from shortened.errors import UsageError
 from shortened.model.cost import count_params, count_params_of_config
-from shortened.model.families import blocks_of
+from shortened.model.families import FAMILIES, Family, Geometry, blocks_of, geometry, get_path, set_path
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2")
+
+def _family(config) -> Family:
+    """The config's family, if its row says where width pruning finds the projections (`Family.width`)."""
+    model_type = getattr(config, "model_type", None)
+    fam = FAMILIES.get(model_type)
+    if fam is None or fam.width is None:
+        supported = [name for name, f in FAMILIES.items() if f.width is not None]
+        raise UsageError(f"width pruning supports {', '.join(supported)}; got model type {model_type!r}")
+    return fam
 
 
-def _dims(config) -> dict:
-    if config.model_type == "gpt2":
-        h = config.n_embd
-        return dict(hidden=h, inter=config.n_inner or 4 * h, heads=config.n_head, kv=config.n_head, head_dim=h)
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return dict(hidden=config.hidden_size, inter=config.intermediate_size, heads=heads, kv=kv, head_dim=head_dim)
+def _size_keys(fam: Family) -> tuple[str, ...]:
+    """The config fields width pruning rewrites: the MLP width, and the head counts where heads can be dropped."""
+    heads = () if fam.width.heads_refusal else (fam.head_dim_key, fam.kv_heads_key, fam.heads_key)
+    return (*heads, fam.intermediate_key)
 
 
 def _sized_config(config, kv_groups: int, inter: int):
+    fam, g = _family(config), geometry(config)
     cfg = config.__class__.from_dict(config.to_dict())
-    if cfg.model_type == "gpt2":
-        cfg.n_inner = inter
-        return cfg
-    d = _dims(config)
-    cfg.head_dim = d["head_dim"]  # explicit: hidden_size / heads no longer gives it
-    cfg.num_key_value_heads = kv_groups
-    cfg.num_attention_heads = kv_groups * (d["heads"] // d["kv"])
-    cfg.intermediate_size = inter
+    if not fam.width.heads_refusal:
+        setattr(cfg, fam.head_dim_key, g.head_dim)  # explicit: hidden_size / heads no longer gives it
+        setattr(cfg, fam.kv_heads_key, kv_groups)
+        setattr(cfg, fam.heads_key, kv_groups * (g.heads // g.kv_heads))
+    setattr(cfg, fam.intermediate_key, inter)
     return cfg
 
 
 def plan_width(config, target_params: int, kv_groups: int | None = None, multiple_of: int = 1) -> dict:
     """Choose (kv_groups, intermediate_size) so the narrowed model has about `target_params` parameters."""
-    if config.model_type not in SUPPORTED:
-        raise UsageError(f"width pruning supports {', '.join(SUPPORTED)}; got model type {config.model_type!r}")
+    fam = _family(config)
     if multiple_of < 1:
         raise UsageError(f"multiple_of must be at least 1, got {multiple_of}")
-    d = _dims(config)
+    g = geometry(config)
     full = count_params_of_config(config)
     if target_params >= full:
         raise UsageError(f"target of {target_params:,} parameters is not below the model's {full:,}; nothing to prune")
-    if config.model_type == "gpt2":
-        if kv_groups not in (None, d["kv"]):
-            raise UsageError("gpt2 cannot drop attention heads (its head size is hidden_size / n_head); omit kv_groups")
-        choices = [d["kv"]]
+    if fam.width.heads_refusal:
+        if kv_groups not in (None, g.kv_heads):
+            raise UsageError(
+                f"{config.model_type} cannot drop attention heads ({fam.width.heads_refusal}); omit kv_groups"
+            )
+        choices = [g.kv_heads]
     elif kv_groups is not None:
-        if not 1 <= kv_groups <= d["kv"]:
-            raise UsageError(f"kv_groups must be between 1 and {d['kv']} for this model, got {kv_groups}")
+        if not 1 <= kv_groups <= g.kv_heads:
+            raise UsageError(f"kv_groups must be between 1 and {g.kv_heads} for this model, got {kv_groups}")
         choices = [kv_groups]
     else:
         p11 = count_params_of_config(_sized_config(config, 1, 1))
@@ -75,18 +79,18 @@ def plan_width(config, target_params: int, kv_groups: int | None = None, multipl
         per_channel = count_params_of_config(_sized_config(config, 1, 2)) - p11
         fixed = p11 - per_group - per_channel  # embeddings, head, norms: what width pruning does not touch
         r = max(0.0, (target_params - fixed) / (full - fixed))
-        first = min(d["kv"], max(1, round(d["kv"] * r)))
-        choices = sorted(range(1, d["kv"] + 1), key=lambda g: (abs(g - first), g))  # nearest feasible wins
+        first = min(g.kv_heads, max(1, round(g.kv_heads * r)))
+        choices = sorted(range(1, g.kv_heads + 1), key=lambda n: (abs(n - first), n))  # nearest feasible wins
     for groups in choices:
         p1 = count_params_of_config(_sized_config(config, groups, 1))
         slope = count_params_of_config(_sized_config(config, groups, 2)) - p1  # per MLP channel, all blocks
         inter = int(round((target_params - (p1 - slope)) / slope / multiple_of) * multiple_of)
-        if 1 <= inter <= d["inter"]:
+        if 1 <= inter <= g.intermediate:
             break
     else:
         raise UsageError(
             f"{target_params:,} parameters cannot be reached by narrowing heads ({choices}) and the MLP "
-            f"(1..{d['inter']} channels); pass another target or kv_groups"
+            f"(1..{g.intermediate} channels); pass another target or kv_groups"
         )
     cfg = _sized_config(config, groups, inter)
     return {"kv_groups": groups, "intermediate_size": inter, "params": p1 + slope * (inter - 1), "config": cfg}
@@ -100,20 +104,16 @@ def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k).indices.sort().values
 
 
+def _param(t: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(t.contiguous(), requires_grad=False)
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
     lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    lin.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+    lin.weight = _param(weight)
     if bias is not None:
-        lin.bias = torch.nn.Parameter(bias.contiguous(), requires_grad=False)
+        lin.bias = _param(bias)
     return lin
-
-
-def _rows(lin: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
-    return _linear(lin.weight[idx], lin.bias[idx] if lin.bias is not None else None)
-
-
-def _cols(lin: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
-    return _linear(lin.weight[:, idx], lin.bias)
 
 
 def _l1_rows(w: torch.Tensor) -> torch.Tensor:
@@ -126,39 +126,46 @@ def _head_rows(group_idx: torch.Tensor, per_group: int, head_dim: int) -> torch.
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
 
 
-def _prune_mlp(mlp, model_type: str, inter: int) -> None:
-    if model_type == "gpt2":  # Conv1D: weight [in, out]
-        fc, proj = mlp.c_fc, mlp.c_proj
-        score = _l1_rows(fc.weight.t()) + _l1_rows(proj.weight)
-        idx = _keep_top(score, inter)
-        fc.weight = torch.nn.Parameter(fc.weight[:, idx].contiguous(), requires_grad=False)
-        fc.bias = torch.nn.Parameter(fc.bias[idx].contiguous(), requires_grad=False)
-        fc.nf = inter
-        proj.weight = torch.nn.Parameter(proj.weight[idx].contiguous(), requires_grad=False)
-        return
-    if model_type == "phi3":  # gate_up_proj rows: [gate (I) | up (I)]
-        n = mlp.down_proj.weight.shape[1]
-        w = mlp.gate_up_proj.weight
-        score = _l1_rows(w[:n]) + _l1_rows(w[n:]) + _l1_rows(mlp.down_proj.weight.t())
-        idx = _keep_top(score, inter)
-        mlp.gate_up_proj = _rows(mlp.gate_up_proj, torch.cat([idx, idx + n]))
-        mlp.down_proj = _cols(mlp.down_proj, idx)
-        return
-    score = _l1_rows(mlp.gate_proj.weight) + _l1_rows(mlp.up_proj.weight) + _l1_rows(mlp.down_proj.weight.t())
-    idx = _keep_top(score, inter)
-    mlp.gate_proj = _rows(mlp.gate_proj, idx)
-    mlp.up_proj = _rows(mlp.up_proj, idx)
-    mlp.down_proj = _cols(mlp.down_proj, idx)
-
-
-def _prune_attention(attn, model_type: str, d: dict, groups: int) -> None:
-    hd, kv, per = d["head_dim"], d["kv"], d["heads"] // d["kv"]
-    if model_type == "phi3":  # qkv_proj rows: [q (heads*hd) | k (kv*hd) | v (kv*hd)]
-        w = attn.qkv_proj.weight
-        q, k, v = w[: d["heads"] * hd], w[d["heads"] * hd : (d["heads"] + kv) * hd], w[(d["heads"] + kv) * hd :]
+def _keep_outputs(block, path: str, idx: torch.Tensor, conv1d: bool) -> None:
+    """Keep the output features `idx` of the projection at `path` (relative to the block)."""
+    m = get_path(block, path)
+    if conv1d:  # weight [in, out]
+        m.weight, m.bias, m.nf = _param(m.weight[:, idx]), _param(m.bias[idx]), len(idx)
     else:
-        q, k, v = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
-    o = attn.o_proj.weight
+        set_path(block, path, _linear(m.weight[idx], m.bias[idx] if m.bias is not None else None))
+
+
+def _keep_inputs(block, path: str, idx: torch.Tensor, conv1d: bool) -> None:
+    """Keep the input features `idx` of the projection at `path` (relative to the block)."""
+    m = get_path(block, path)
+    if conv1d:
+        m.weight = _param(m.weight[idx])
+    else:
+        set_path(block, path, _linear(m.weight[:, idx], m.bias))
+
+
+def _prune_mlp(block, fam: Family, width: int, inter: int) -> None:
+    """Keep the `inter` of `width` MLP channels with the most magnitude. An input projection's rows hold one run of
+    `width` channels, or packed runs ([gate | up]); the output projection (`mlp_down`) reads them as columns."""
+    conv1d = fam.width.conv1d
+    ins = [get_path(block, p).weight for p in fam.width.mlp_in]
+    ins = [w.t() if conv1d else w for w in ins]  # [out, in]: channels as rows
+    out = get_path(block, fam.mlp_down).weight
+    runs = [w[k * width : (k + 1) * width] for w in ins for k in range(w.shape[0] // width)]
+    score = sum(_l1_rows(r) for r in runs) + _l1_rows(out if conv1d else out.t())
+    idx = _keep_top(score, inter)
+    for path, w in zip(fam.width.mlp_in, ins):
+        _keep_outputs(block, path, torch.cat([idx + k * width for k in range(w.shape[0] // width)]), conv1d)
+    _keep_inputs(block, fam.mlp_down, idx, conv1d)
+
+
+def _prune_attention(block, fam: Family, g: Geometry, groups: int) -> None:
+    """Keep the `groups` KV head groups (each with its query heads) with the most magnitude."""
+    w = fam.width
+    hd, kv, per = g.head_dim, g.kv_heads, g.heads // g.kv_heads
+    qkv = [get_path(block, p).weight for p in w.qkv]
+    q, k, v = qkv[0].split([g.heads * hd, kv * hd, kv * hd]) if len(qkv) == 1 else qkv  # packed [q | k | v]
+    o = get_path(block, w.o_proj).weight
     score = (
         _l1_rows(q).view(kv, -1).sum(1)
         + _l1_rows(k).view(kv, -1).sum(1)
@@ -167,16 +174,14 @@ def _prune_attention(attn, model_type: str, d: dict, groups: int) -> None:
     )
     keep = _keep_top(score, groups)
     q_rows, kv_rows = _head_rows(keep, per, hd), _head_rows(keep, 1, hd)
-    if model_type == "phi3":
-        rows = torch.cat([q_rows, d["heads"] * hd + kv_rows, (d["heads"] + kv) * hd + kv_rows])
-        attn.qkv_proj = _rows(attn.qkv_proj, rows)
+    if len(w.qkv) == 1:
+        rows = torch.cat([q_rows, g.heads * hd + kv_rows, (g.heads + kv) * hd + kv_rows])
+        _keep_outputs(block, w.qkv[0], rows, w.conv1d)
     else:
-        attn.q_proj, attn.k_proj, attn.v_proj = (
-            _rows(attn.q_proj, q_rows),
-            _rows(attn.k_proj, kv_rows),
-            _rows(attn.v_proj, kv_rows),
-        )
-    attn.o_proj = _cols(attn.o_proj, q_rows)
+        for path, rows in zip(w.qkv, (q_rows, kv_rows, kv_rows)):
+            _keep_outputs(block, path, rows, w.conv1d)
+    _keep_inputs(block, w.o_proj, q_rows, w.conv1d)
+    attn = get_path(block, w.o_proj.rpartition(".")[0])
     for name in ("num_heads", "num_key_value_heads"):  # attributes some versions keep; harmless elsewhere
         if hasattr(attn, name):
             setattr(attn, name, groups * per if name == "num_heads" else groups)
@@ -186,19 +191,15 @@ def _prune_attention(attn, model_type: str, d: dict, groups: int) -> None:
 def width_prune_model(model, kv_groups: int, intermediate_size: int) -> None:
     """Narrow every block of a loaded model in place and update its config to match."""
     cfg = model.config
-    d = _dims(cfg)
+    fam, g = _family(cfg), geometry(cfg)
     for block in blocks_of(model):
-        if cfg.model_type == "gpt2":
-            _prune_mlp(block.mlp, "gpt2", intermediate_size)
-            continue
-        if kv_groups != d["kv"]:
-            _prune_attention(block.self_attn, cfg.model_type, d, kv_groups)
-        if intermediate_size != d["inter"]:
-            _prune_mlp(block.mlp, cfg.model_type, intermediate_size)
+        if kv_groups != g.kv_heads and not fam.width.heads_refusal:
+            _prune_attention(block, fam, g, kv_groups)
+        if intermediate_size != g.intermediate:
+            _prune_mlp(block, fam, g.intermediate, intermediate_size)
     new = _sized_config(cfg, kv_groups, intermediate_size)
-    for key in ("head_dim", "num_key_value_heads", "num_attention_heads", "intermediate_size", "n_inner"):
-        if hasattr(new, key) and key in new.to_dict():
-            setattr(cfg, key, getattr(new, key))
+    for key in _size_keys(fam):
+        setattr(cfg, key, getattr(new, key))
 
 
 def target_params_of(target) -> int:
@@ -232,12 +233,12 @@ def width_prune(
     check_output_dir(out, force, inputs)
     target = target_params_of(target_params)
     config = model.model.config if isinstance(model, Loaded) else load_config(src)
+    g = geometry(config)  # before pruning: a Loaded model's config is narrowed in place
     plan = plan_width(config, target, kv_groups, multiple_of)
     loaded = model if isinstance(model, Loaded) else load_model(src, load, tokenizer="optional")
     original = count_params(loaded.model)
     width_prune_model(loaded.model, plan["kv_groups"], plan["intermediate_size"])
     params = count_params(loaded.model)
-    d = _dims(config)
     rec = {
         "source_model": src,
         "method": "width (L1 weight magnitude: MLP channels and attention head groups, per block)",
@@ -245,9 +246,9 @@ def width_prune(
         "target_params": target,
         "params": params,
         "kv_groups": plan["kv_groups"],
-        "original_kv_groups": d["kv"],
+        "original_kv_groups": g.kv_heads,
         "intermediate_size": plan["intermediate_size"],
-        "original_intermediate_size": d["inter"],
+        "original_intermediate_size": g.intermediate,
     }
     log.info("width pruning %s: %s", src, rec)
     with atomic_dir(out, force, inputs) as tmp:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shortened.exporters import ort_ops  # noqa: F401  (registers torch.ops.shortened.*)
-from shortened.model.families import family_for
+from shortened.model.families import family_for, geometry
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # the inverse frequencies do not depend on the length
 
@@ -32,9 +32,8 @@ def unsupported_reason(model) -> str | None:
         return "no rotary embedding module"
     if getattr(rope, "rope_type", "default") not in STATIC_ROPE:
         return f"rope type {rope.rope_type!r} changes with the sequence length"
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if rope.inv_freq.numel() * 2 != head_dim:
+    g = geometry(config)
+    if rope.inv_freq.numel() * 2 != g.head_dim:
         return "partial rotary embedding"
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True):
@@ -51,7 +50,7 @@ def unsupported_reason(model) -> str | None:
             return "a decoder layer of another shape"
         if (a.q_proj.bias is None) != (a.k_proj.bias is None) or (a.k_proj.bias is None) != (a.v_proj.bias is None):
             return "bias on some of q/k/v only"
-    if heads % kv:
+    if g.heads % g.kv_heads:
         return "query heads not a multiple of the KV heads"
     return None
 
@@ -67,8 +66,8 @@ class FusedCausalLM(torch.nn.Module):
             raise ValueError(f"cannot fuse this model: {reason}")
         self.model = model
         config = model.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        g = geometry(config)
+        self.heads, self.kv_heads, self.head_dim = g.heads, g.kv_heads, g.head_dim
         inner = model.model
         rope = inner.rotary_emb
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)

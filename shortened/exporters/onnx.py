@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from shortened.errors import UsageError
+from shortened.model.families import geometry
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,8 @@ def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 def cache_geometry(config) -> tuple[int, int, int, int]:
     """(num_layers, num_attention_heads, num_key_value_heads, head_dim) of a supported family's config."""
-    from shortened.model.families import num_blocks
-
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return num_blocks(config), heads, kv, head_dim
+    g = geometry(config)
+    return g.layers, g.heads, g.kv_heads, g.head_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +384,7 @@ def genai_config(config, generation_config=None, filename: str = ONNX_FILE, cach
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": filename,
                 "head_size": head_dim,
-                "hidden_size": getattr(config, "hidden_size", None) or config.n_embd,
+                "hidden_size": geometry(config).hidden,
                 "inputs": inputs,
                 "outputs": outputs,
                 "num_attention_heads": heads,

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from shortened.errors import UsageError
+from shortened.model.families import geometry
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     _unfuse_head(graph, inits)
     _name_nodes(graph)
     vocab = int(config.vocab_size)
-    hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
+    hidden = geometry(config).hidden
     head = _head_node(graph, inits, vocab)
     emb = _embedding_node(graph, inits)
     tied = bool(getattr(config, "tie_word_embeddings", False))

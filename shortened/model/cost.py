@@ -5,25 +5,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _shape(config) -> dict:
-    from shortened.model.families import num_blocks
-
-    if config.model_type == "gpt2":
-        h, heads = config.n_embd, config.n_head
-        return dict(layers=num_blocks(config), hidden=h, heads=heads, kv=heads, head_dim=h // heads,
-                    inter=config.n_inner or 4 * h, gated=False, vocab=config.vocab_size)  # fmt: skip
-    heads = config.num_attention_heads
-    return dict(
-        layers=num_blocks(config),
-        hidden=config.hidden_size,
-        heads=heads,
-        kv=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        inter=config.intermediate_size,
-        gated=True,  # every supported family but GPT-2 has a gated MLP (gate, up, down)
-        vocab=config.vocab_size,
-    )
+from shortened.model.families import geometry
 
 
 def flops_per_token(config, context: int = 0) -> dict:
@@ -38,16 +20,16 @@ def flops_per_token(config, context: int = 0) -> dict:
 
     Embedding lookups, norms, activations, rotary and biases are left out (a few per cent at most).
     """
-    s = _shape(config)
-    h, hd = s["hidden"], s["head_dim"]
-    proj = 2 * h * hd * (2 * s["heads"] + 2 * s["kv"])
-    mlp = 2 * (3 if s["gated"] else 2) * h * s["inter"]
-    scores = 2 * 2 * s["heads"] * hd * int(context)
+    g = geometry(config)
+    h, hd = g.hidden, g.head_dim
+    proj = 2 * h * hd * (2 * g.heads + 2 * g.kv_heads)
+    mlp = 2 * (3 if g.gated_mlp else 2) * h * g.intermediate
+    scores = 2 * 2 * g.heads * hd * int(context)
     block = proj + mlp + scores
-    head = 2 * h * s["vocab"]
+    head = 2 * h * g.vocab
     return {"attention_projections": proj, "mlp": mlp, "attention_scores": scores, "block": block,
-            "blocks": s["layers"] * block, "head": head, "total": s["layers"] * block + head,
-            "layers": s["layers"], "context": int(context)}  # fmt: skip
+            "blocks": g.layers * block, "head": head, "total": g.layers * block + head,
+            "layers": g.layers, "context": int(context)}  # fmt: skip
 
 
 def _config(model):

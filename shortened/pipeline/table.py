@@ -369,19 +369,20 @@ def _original(ctx: Ctx) -> str:
 
 def speed_step(ctx: Ctx, res: dict) -> dict:
     """The pruned model against the original on the same backend, interleaved; speed.json, .md and .png."""
-    from shortened.validators.speed import bench
+    from shortened.pipeline.bench import bench
+    from shortened.validators.speed import SpeedOptions
 
     cfg, work = ctx.cfg, ctx.work
     for name in ("speed.json", "speed.png"):  # the previous run's reports
         remove_output_file(work / name)
     precisions = cfg.all_precisions()
     ort = cfg.speed_backend == "onnxruntime"
-    rep = bench(_original(ctx), str(ctx.final), backend=cfg.speed_backend, batch_sizes=cfg.batch_sizes,
-                prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, repeats=cfg.repeats,
-                ci_target=cfg.speed_ci_target or None, time_budget_s=cfg.speed_time_budget,
-                width_baseline=cfg.width_baseline, device="cuda" if cfg.device != "cpu" else "cpu",
-                precision=precisions[0], optimize=cfg.optimize,
-                onnx_dirs={"candidate": str(ctx.onnx_dir(precisions[0]))} if ort else None,
+    options = SpeedOptions(batch_sizes=cfg.batch_sizes, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens,
+                           repeats=cfg.repeats, ci_target=cfg.speed_ci_target or None,
+                           time_budget_s=cfg.speed_time_budget, device="cuda" if cfg.device != "cpu" else "cpu",
+                           precision=precisions[0])  # fmt: skip
+    rep = bench(_original(ctx), str(ctx.final), options, backend=cfg.speed_backend, width_baseline=cfg.width_baseline,
+                optimize=cfg.optimize, onnx_dirs={"candidate": str(ctx.onnx_dir(precisions[0]))} if ort else None,
                 extra_candidates={f"candidate-{p}": str(ctx.onnx_dir(p)) for p in precisions[1:]} if ort else None,
                 work_dir=work / "speed-work", plot=work / "speed.png", progress=ctx.progress)  # fmt: skip
     shutil.rmtree(work / "speed-work", ignore_errors=True)

@@ -85,3 +85,52 @@ def greedy_generate(runner: Runner, input_ids: np.ndarray, attention_mask: np.nd
         last = logits[:, -1, :]
     gen.tokens = np.concatenate(out, axis=1) if out else gen.tokens
     return gen
+
+
+# ---------------------------------------------------------------------------------------------
+# The second interface: models that run their own generation loop
+
+
+@dataclass
+class Timing:
+    prefill_s: float  # the prompt, up to the first token
+    decode_s: list  # seconds of each further token
+    tokens: list  # the greedy tokens of the first row
+
+
+class TimedGenerator(ABC):
+    """A model behind a library's own generation loop (Hugging Face `generate`, onnxruntime-genai's Generator):
+    generate n tokens greedily, timed at every token. Use it as a context manager, like a Runner.
+
+    It has no step(): the library owns the loop and the KV cache (genai keeps its cache buffers inside the
+    Generator and takes no mask or positions; `generate` keeps its Cache object between its own calls), and that
+    loop is what is measured. A step() would put our loop around the model and time ours instead (TorchRunner and
+    OrtRunner already do that)."""
+
+    name: str = "generator"
+    has_cache: bool = True
+    num_layers: int | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @abstractmethod
+    def generate(self, input_ids: np.ndarray, new_tokens: int) -> Timing:
+        """Greedy decoding of `new_tokens` after the prompt [B, S] (no padding), timed at every token."""
+
+    def providers(self) -> list[str]:
+        return [self.name]
+
+    def close(self) -> None:  # noqa: B027 - optional: most hold nothing that needs releasing
+        """Release sessions or device memory."""
+
+
+def timed_generate(model: Runner | TimedGenerator, input_ids: np.ndarray, new_tokens: int) -> Timing:
+    """Greedy tokens, timed: a Runner in the shared loop (`greedy_generate`), a TimedGenerator in its own."""
+    if isinstance(model, TimedGenerator):
+        return model.generate(input_ids, new_tokens)
+    gen = greedy_generate(model, input_ids, np.ones_like(input_ids), new_tokens)
+    return Timing(gen.prefill_s, list(gen.decode_s), gen.tokens[0].tolist())

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from shortened.errors import UsageError
+from shortened.model.families import geometry
 from shortened.runtime.base import Runner
 
 PROVIDER_NAMES = {
@@ -186,10 +187,8 @@ def _kv_dims(shape, config: dict) -> tuple[int, int]:
     """(kv heads, head dim) of the cache: the graph's static dims, else config.json."""
     if len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[3], int):
         return shape[1], shape[3]
-    heads = config.get("num_attention_heads") or config.get("n_head")
-    kv = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or (config.get("hidden_size") or config.get("n_embd")) // heads
-    return int(kv), int(head_dim)
+    g = geometry(config)
+    return g.kv_heads, g.head_dim
 
 
 def load_ort_runner(path: str | Path, provider: str | None = None, threads: int | None = None) -> OrtRunner:

@@ -12,7 +12,9 @@ from shortened.cli import main
 from shortened.converter.width import plan_width, width_prune, width_prune_model
 from shortened.errors import UsageError
 from shortened.model.cost import count_params, count_params_of_config, flops_per_token, ideal_speedup
-from shortened.validators.speed import build_rows, pairwise_speedups, summarize
+from shortened.validators.speed import SpeedOptions
+from shortened.validators.speed_report import build_rows
+from shortened.validators.stats import pairwise_speedups, summarize
 
 
 def smollm2_config(layers: int = 30):
@@ -161,13 +163,14 @@ def test_width_plan_rejects_impossible_targets(tiny_models):
 
 def test_bench_torch_end_to_end(tiny_models, tmp_path):
     from shortened.converter.steps import prune
-    from shortened.validators.speed import bench
+    from shortened.pipeline.bench import bench
 
     src = tiny_models["llama"]
     prune(str(src), tmp_path / "cand", blocks=[1, 2, 3], no_protect=True, progress=False)
-    rep = bench(str(src), str(tmp_path / "cand"), backend="torch", batch_sizes=(2, 1, 10**8), prompt_len=8,
-                new_tokens=3, repeats=2, warmup=1, threads=1, width_baseline=True, report=tmp_path / "r.json",
-                plot=tmp_path / "p.png", progress=False, ci_target=None)  # fmt: skip
+    options = SpeedOptions(batch_sizes=(2, 1, 10**8), prompt_len=8, new_tokens=3, repeats=2, warmup=1, threads=1,
+                           ci_target=None)  # fmt: skip
+    rep = bench(str(src), str(tmp_path / "cand"), options, backend="torch", width_baseline=True,
+                report=tmp_path / "r.json", plot=tmp_path / "p.png", progress=False)  # fmt: skip
     assert [s["batch"] for s in rep.skipped] == [10**8] and "GiB" in rep.skipped[0]["reason"]
     assert {(r["batch"], r["model"]) for r in rep.rows} == {(b, m) for b in (1, 2) for m in rep.models}
     assert set(rep.models) == {"original", "candidate", "width"}
@@ -238,14 +241,15 @@ def _with_layers(config, n):
 def test_bench_onnxruntime_runs_given_exports(tiny_models, tmp_path):
     """The onnxruntime path end to end with one export (exports cost most of this test): the model against itself."""
     from shortened.exporters.onnx import export_onnx
-    from shortened.validators.speed import bench
+    from shortened.pipeline.bench import bench
 
     src = tiny_models["llama"]
     export_onnx(str(src), tmp_path / "onnx", progress=False)
     onnx = {"original": tmp_path / "onnx", "candidate": tmp_path / "onnx"}
-    rep = bench(str(src), str(src), backend="onnxruntime", batch_sizes=(1, 2), prompt_len=6, new_tokens=3, repeats=2,
-                warmup=1, threads=1, onnx_dirs=onnx, work_dir=tmp_path / "work", progress=False,
-                ci_target=None)  # fmt: skip
+    options = SpeedOptions(batch_sizes=(1, 2), prompt_len=6, new_tokens=3, repeats=2, warmup=1, threads=1,
+                           ci_target=None)  # fmt: skip
+    rep = bench(str(src), str(src), options, backend="onnxruntime", onnx_dirs=onnx, work_dir=tmp_path / "work",
+                progress=False)  # fmt: skip
     assert not (tmp_path / "work" / "candidate-onnx").exists()  # the given export was used
     for m in rep.models.values():
         assert m["providers"] == ["CPUExecutionProvider"] and m["kind"] == "onnxruntime"
@@ -258,4 +262,27 @@ def test_bench_onnxruntime_runs_given_exports(tiny_models, tmp_path):
         from shortened.converter.steps import prune
 
         prune(str(src), pruned, blocks=[1], no_protect=True, progress=False)
-        bench(str(src), str(pruned), backend="onnxruntime", onnx_dirs=onnx, progress=False)
+        bench(str(src), str(pruned), SpeedOptions(), backend="onnxruntime", onnx_dirs=onnx, progress=False)
+
+
+def test_speed_options_are_checked_once_when_made():
+    assert SpeedOptions(batch_sizes=(8, 1, 8)).batch_sizes == [1, 8]  # sorted, distinct, a list
+    bad_settings = [
+        ({"batch_sizes": [0, 1]}, "positive"),
+        ({"new_tokens": 1}, "new_tokens must be at least 2"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"repeats": 1.5}, "repeats must be an integer"),
+    ]
+    for bad, msg in bad_settings:
+        with pytest.raises(UsageError, match=msg):
+            SpeedOptions(**bad)
+
+
+def test_bench_measures_given_artifacts_and_needs_the_original(tiny_models):
+    from shortened.validators.speed import Artifact, bench
+
+    src = str(tiny_models["llama"])
+    with pytest.raises(UsageError, match="original"):
+        bench({"candidate": Artifact(src, src)}, "torch", SpeedOptions())
+    with pytest.raises(UsageError, match="unknown backend"):
+        bench({"original": Artifact(src, src)}, "tpu", SpeedOptions())

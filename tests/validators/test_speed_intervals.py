@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shortened.validators.speed import (
-    bootstrap_ci,
-    build_rows,
-    flag_above_ideal,
-    pairwise_speedups,
-    resolved,
-    speedup_stats,
-)
+from shortened.validators.speed_report import build_rows, flag_above_ideal
+from shortened.validators.stats import bootstrap_ci, pairwise_speedups, resolved, speedup_stats
 
 
 def _runs(base, cand, steps=4):

@@ -1,0 +1,70 @@
+"""The statistics of the speed measurement: medians and percentiles over repetitions, speedups computed pair by
+pair (A_i / B_i within repetition i, never a ratio of two medians), their percentile-bootstrap interval, and the
+verdict it allows ("faster" / "slower" only where the interval excludes 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def summarize(values) -> dict:
+    """Median, p10 and p90 (linear interpolation) and count of a list of numbers."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return {"median": None, "p10": None, "p90": None, "n": 0}
+    return {"median": float(np.median(v)), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90)),
+            "n": int(v.size)}  # fmt: skip
+
+
+def bootstrap_ci(ratios, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of paired ratios (pairs resampled with replacement)."""
+    r = np.asarray([x for x in ratios if x is not None], dtype=float)
+    if r.size < 2:  # one pair says nothing about the spread
+        return float("-inf"), float("inf")
+    rng = np.random.default_rng(seed)
+    meds = np.median(r[rng.integers(0, r.size, (n_boot, r.size))], axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(meds, a)), float(np.quantile(meds, 1 - a))
+
+
+def speedup_stats(ratios, ideal: float | None = None, level: float = 0.95) -> dict:
+    """Median, interval, relative half-width and verdict of paired speedups.
+
+    verdict: "faster" / "slower" when the interval lies above / below 1, else "not resolved" (the interval is wider
+    than the effect). above_ideal: the interval's lower end exceeds the FLOP ideal."""
+    st = summarize(ratios)
+    if st["median"] is None:
+        return {**st, "ci_low": None, "ci_high": None, "ci_half_rel": None, "verdict": "not measured"}
+    lo, hi = bootstrap_ci(ratios, level)
+    if not np.isfinite(hi - lo):  # fewer than 2 pairs: no interval, no verdict
+        return {**st, "ci_low": None, "ci_high": None, "ci_level": level, "ci_half_rel": None,
+                "verdict": "not resolved"}  # fmt: skip
+    half = (hi - lo) / 2 / st["median"]
+    verdict = "faster" if lo > 1 else "slower" if hi < 1 else "not resolved"
+    out = {**st, "ci_low": lo, "ci_high": hi, "ci_level": level, "ci_half_rel": half, "verdict": verdict}
+    if ideal:
+        out["above_ideal"] = bool(lo > ideal)
+    return out
+
+
+def resolved(runs: dict, baseline: str, target: float) -> bool:
+    """Whether every model's decode speedup over `baseline` has an interval within +-target (relative) so far.
+    runs: {name: [{"decode_s": [...]}, ...]} of one batch size, repetitions paired by index."""
+    base = [float(np.mean(r["decode_s"])) for r in runs[baseline]]
+    if len(base) < 3:
+        return False
+    for name, reps in runs.items():
+        if name == baseline:
+            continue
+        ratios = pairwise_speedups(base, [float(np.mean(r["decode_s"])) for r in reps])
+        lo, hi = bootstrap_ci(ratios)
+        if not (hi - lo) / 2 <= target * float(np.median(ratios)):
+            return False
+    return True
+
+
+def pairwise_speedups(base_times, times) -> list[float]:
+    """Speedup of each repetition: base_i / time_i, pairing the runs of the same repetition."""
+    if len(base_times) != len(times):
+        raise ValueError(f"need paired runs: {len(base_times)} vs {len(times)}")
+    return [a / b for a, b in zip(base_times, times)]
