@@ -62,7 +62,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
 demo: fetch
-	$(VENV)/bin/shortened convert --config examples/smollm2.toml --model $(MODEL_DIR) --out $(OUT) \
+	$(VENV)/bin/shortened convert $(MODEL_DIR) --config examples/smollm2.toml --out $(OUT) \
 		--calib $(CALIB) --eval-text $(EVAL) --force
 
 bench: setup fetch

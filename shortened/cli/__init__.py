@@ -1,7 +1,11 @@
 """The command line: parses arguments and calls one library function per command. Nothing else lives here.
 
-Commands register themselves from the module that implements them (`register(subparsers)`), so each area
-owns its own flags. Exit codes: 0 success, 1 a gate failed, 2 bad input.
+Commands register themselves from the module that implements them (`register(subparsers, groups)`), so each
+area owns its own flags: prune.py (fetch, score, prune, sweep, width-prune), convert.py, export.py (export onnx,
+export tensorrt), bench.py, validate.py (validate parity), retrain.py, quality.py (eval). A command's function is
+`cmd_<command words>` (cmd_score, cmd_export_onnx) and calls one library function; flags generated from an
+options dataclass come from cli.args.add_options, the one place leaf modules import shared helpers from.
+Exit codes: 0 success, 1 a gate failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ COMMAND_MODULES = [
     "shortened.cli.bench",
     "shortened.cli.validate",
     "shortened.cli.retrain",
+    "shortened.cli.quality",
 ]
 
 

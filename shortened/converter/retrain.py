@@ -15,11 +15,12 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shortened.errors import UsageError
 from shortened.model.loading import LoadOptions
+from shortened.options import check, option
 
 log = logging.getLogger(__name__)
 
@@ -27,56 +28,71 @@ METHODS = ("lora", "full", "distill", "partial")  # partial: only the blocks nex
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-4}  # the paper's LoRA and continued-pretraining learning rates
 
 
+def _targets(text: str):
+    """--lora-targets: all-linear, or a comma list of module names."""
+    return [t for t in text.split(",") if t] if "," in text else text
+
+
 @dataclass
 class RetrainConfig:
-    method: str = "lora"  # lora | full | distill | partial
+    """Every retraining option; `shortened retrain` has a flag for each (cli.args.add_options)."""
+
+    method: str = option("lora", "lora (paper, light pruning), full (continued pretraining), distill (teacher = "
+                         "original model), partial (only the blocks next to each removed run)",
+                         choices=METHODS)  # fmt: skip
     # data
-    data: str | None = None  # .txt / .jsonl file, or a Hugging Face dataset (hf:NAME[:CONFIG])
-    val_data: str | None = None  # separate validation source; default: a held-out part of `data`
-    val_fraction: float = 0.05
-    data_format: str = "auto"  # auto | text (packed windows) | alpaca (prompt masked out of the loss)
-    text_field: str = "text"
-    split: str = "train"  # Hugging Face datasets only
-    seq_len: int = 256
-    add_bos: bool = False  # BOS at the start of every window / example (Gemma)
-    train_on_prompt: bool = False  # alpaca: keep the prompt tokens in the loss
-    max_examples: int | None = None  # cap on training examples (after the held-out split)
-    max_val_examples: int | None = 200
+    data: str | None = option(None, "training data: .txt (plain text), .jsonl (text field or Alpaca records), or "
+                              "hf:DATASET[:CONFIG]")  # fmt: skip
+    val_data: str | None = option(None, "validation data (default: a held-out part of --data)")
+    val_fraction: float = option(0.05, "held-out fraction of --data for the validation loss")
+    data_format: str = option("auto", "auto, text (packed windows) or alpaca (prompt tokens masked out of the loss)",
+                              choices=("auto", "text", "alpaca"))  # fmt: skip
+    text_field: str = option("text", "the text field of .jsonl records and datasets")
+    split: str = option("train", "dataset split (hf: sources)")
+    seq_len: int = option(256, "tokens per training window / example")
+    add_bos: bool = option(False, "BOS at the start of every window / example (Gemma)")
+    train_on_prompt: bool = option(False, "alpaca: keep the prompt tokens in the loss")
+    max_examples: int | None = option(None, "at most this many training examples (after the held-out split)")
+    max_val_examples: int | None = option(200, "at most this many validation examples")
     # optimisation (AdamW)
-    max_steps: int = -1  # > 0 overrides epochs
-    epochs: float = 1.0
-    batch_size: int = 4  # per device
-    grad_accum: int = 1
-    lr: float | None = None  # default: 1e-4 (lora, full); for distill that of its weights
-    weight_decay: float | None = None  # default: 0.1 for full weights, 0 for LoRA
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
-    bf16: bool | None = None  # None: where the device supports it (CUDA with bf16)
-    gradient_checkpointing: bool = False
-    eval_steps: int = 50  # validation (and checkpoint) every N steps; the best one is kept
-    logging_steps: int = 10
-    save_total_limit: int = 2
-    seed: int = 0
+    max_steps: int = option(-1, "optimizer steps (overrides --epochs)")
+    epochs: float = option(1.0, "passes over the training data")
+    batch_size: int = option(4, "examples per device per step", min=1)
+    grad_accum: int = option(1, "gradient accumulation steps", min=1)
+    lr: float | None = option(None, "learning rate (default 1e-4; distill: that of its weights)")
+    weight_decay: float | None = option(None, "AdamW weight decay (default 0.1 for full weights, 0 for LoRA)")
+    warmup_ratio: float = option(0.03, "fraction of the steps spent warming up the learning rate")
+    scheduler: str = option("cosine", "learning-rate schedule (a transformers scheduler name)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    bf16: bool | None = option(None, "bf16 mixed precision: auto (where the GPU supports it), on, off")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    eval_steps: int = option(50, "validate and checkpoint every N steps; the best-validation checkpoint is kept",
+                             min=1)  # fmt: skip
+    logging_steps: int = option(10, "log the training loss every N steps", min=1)
+    save_total_limit: int = option(2, "checkpoints kept in <out>.checkpoints")
+    seed: int = option(0, "seed for data order and initialisation")
     # LoRA (paper defaults)
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: str | list[str] = "all-linear"  # every attention and MLP projection (not lm_head)
+    lora_rank: int = option(8, "LoRA rank", min=1)
+    lora_alpha: int = option(16, "LoRA alpha (scale alpha / rank)")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_targets: str | list[str] = option("all-linear", "modules to adapt: all-linear (every attention and MLP "
+                                           "projection, not lm_head) or a comma list", parse=_targets)  # fmt: skip
     # distillation
-    teacher: str | None = None  # the original model; default: source_model in the pruned model's pruning.json
-    distill_weights: str = "full"  # train full weights or LoRA adapters
-    temperature: float = 2.0
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0  # optional cross-entropy on the labels
+    teacher: str | None = option(None, "distill: the original model (default: source_model in the pruned model's "
+                                 "pruning.json)")  # fmt: skip
+    distill_weights: str = option("full", "distill: train full weights or LoRA adapters", choices=("lora", "full"))
+    temperature: float = option(2.0, "distill: softmax temperature of KL(teacher || student)")
+    kd_weight: float = option(1.0, "distill: weight of KL(teacher || student)")
+    ce_weight: float = option(0.0, "distill: weight of the optional cross-entropy on the data")
     # partial: also the final norm and head; weight of the MSE to the original's hidden state at the same depth
-    partial_head: bool = False
-    partial_mse: float = 0.0
+    partial_head: bool = option(False, "partial: also train the final norm and the head")
+    partial_mse: float = option(0.0, "partial: weight of the MSE to the original model's hidden state at the same "
+                                "depth")  # fmt: skip
     # run
-    resume: bool = False
-    keep_checkpoints: bool = False
-    load: LoadOptions = field(default_factory=LoadOptions)
-    extra_args: dict = field(default_factory=dict)  # passed to TrainingArguments as is (e.g. fsdp, deepspeed)
+    resume: bool = option(False, "continue an interrupted run from its last checkpoint (<out>.checkpoints)")
+    keep_checkpoints: bool = option(False, "keep <out>.checkpoints after a successful run")
+    load: LoadOptions = option(default_factory=LoadOptions, cli=False)
+    extra_args: dict = option(default_factory=dict, cli=False)  # passed to TrainingArguments as is (fsdp, deepspeed)
 
     @property
     def weights(self) -> str:
@@ -86,15 +102,10 @@ class RetrainConfig:
         return self.distill_weights if self.method == "distill" else self.method
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method == "distill" and self.distill_weights not in ("lora", "full"):
-            raise UsageError(f"--distill-weights must be lora or full, got {self.distill_weights!r}")
+        """Types, choices and minimums (options.check, naming the flags), then what one field cannot say."""
+        check(self, flags=True)
         if not self.data:
             raise UsageError("retraining needs data: pass --data FILE (.txt, .jsonl) or a dataset name (hf:NAME)")
-        for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise UsageError(f"--max-steps must be at least 1 (or -1: train --epochs), got {self.max_steps}")
         if self.max_steps <= 0 and self.epochs <= 0:

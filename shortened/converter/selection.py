@@ -235,16 +235,17 @@ def resolve(select: str, recover: str, config, have_calib: bool) -> tuple[str, s
     return select, recover
 
 
-def check_plan(select, recover, calib, recover_calib, recover_samples, recover_order, config):
-    """Validate the selection/recovery options before any weights are read; returns (select, recover, fit spec)."""
-    from shortened.converter.recovery import ORDERS, check_recoverable
+def check_plan(plan, calib, config, removable=None):
+    """Validate the selection/recovery options (steps.PlanOptions) before any weights are read; returns (select,
+    recover, fit spec). removable: the blocks that may go; recover auto with block 0 among them is none (no kept
+    block before it to fold a map into)."""
+    from shortened.converter.recovery import check_recoverable
     from shortened.data import CalibSpec
 
-    select, recover = resolve(select, recover, config, calib is not None)
-    if recover_order not in ORDERS:
-        raise UsageError(f"unknown recovery order {recover_order!r}; choose one of {', '.join(ORDERS)}")
-    if recover_samples < 1:
-        raise UsageError(f"--recover-samples must be at least 1, got {recover_samples}")
+    recover = plan.recover
+    if recover == "auto" and removable is not None and 0 in removable:
+        recover = "none"
+    select, recover = resolve(plan.select, recover, config, calib is not None)
     if (select != "topk" or recover != "none") and calib is None:
         raise UsageError(
             f"--select {select} / --recover {recover} score removal sets on calibration text: pass --calib FILE "
@@ -253,10 +254,10 @@ def check_plan(select, recover, calib, recover_calib, recover_samples, recover_o
     if recover == "none":
         return select, recover, None
     check_recoverable(config, [])
-    if isinstance(recover_calib, CalibSpec):
-        spec = recover_calib
+    if isinstance(plan.recover_calib, CalibSpec):
+        spec = plan.recover_calib
     else:  # its own windows: another seed, so the sets are scored on windows the maps were not fitted on
-        spec = CalibSpec(recover_calib or calib.source, recover_samples, calib.seq_len, calib.seed + 1,
+        spec = CalibSpec(plan.recover_calib or calib.source, plan.recover_samples, calib.seq_len, calib.seed + 1,
                          calib.add_bos, calib.split, calib.text_field)  # fmt: skip
     spec.validate()
     return select, recover, spec

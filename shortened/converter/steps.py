@@ -1,15 +1,18 @@
-"""The converter's two user-facing steps, callable from Python with the CLI's options: score and prune."""
+"""The converter's two user-facing steps, score and prune, and their options (ScoreOptions, PlanOptions: the
+same objects the CLI's flags are generated from)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from shortened.converter import surgery
-from shortened.converter.criteria import DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
+from shortened.converter.criteria import CRITERIA, DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
 from shortened.converter.pruning import check_scores_match, choose_blocks, load_scores, write_pruning_record
-from shortened.converter.recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, fold
-from shortened.converter.selection import check_plan, plan_removal
+from shortened.converter.recovery import DEFAULT_RIDGE, ORDERS, RECOVER, RECOVER_SAMPLES, fold
+from shortened.converter.selection import SELECTIONS, check_plan, plan_removal
 from shortened.data import CalibSpec, load_calibration
 from shortened.errors import UsageError
 from shortened.io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
@@ -17,11 +20,48 @@ from shortened.model.blocks import remove_blocks
 from shortened.model.checkpoint import save_checkpoint
 from shortened.model.families import num_blocks
 from shortened.model.loading import Loaded, LoadOptions, check_length, load_config, load_model
+from shortened.options import apply, option
 
 log = logging.getLogger(__name__)
-# prune's defaults: selection (top-k and spans) and linear recovery wherever there is --calib; without it, as before.
-# The paper's path: --select topk --recover none. Measured in benchmarks/bench_recovery.py.
-PRUNE_SELECT, PRUNE_RECOVER = "auto", "auto"
+
+
+@dataclass
+class ScoreOptions:
+    """How blocks are scored and which may go; shared by score, prune and sweep (and their flags)."""
+
+    criterion: str | None = option(None, "block-importance criterion (prune: scores with it "
+                                   "when given no --scores)", choices=CRITERIA)  # fmt: skip
+    iterative: bool = option(False, "remove one block at a time and rescore (SLEB-style)")
+    protect: list[int] | None = option(None, "blocks never removed (default 0,1,2,3,-2,-1)")
+    no_protect: bool = option(False, "every block is a candidate")
+    micro_batch: int = option(10, "calibration samples per forward pass", min=1)
+
+
+@dataclass
+class PlanOptions:
+    """Which set of k blocks goes (selection.py) and the training-free map that replaces it (recovery.py).
+    Defaults: prune's and sweep's (top-k and spans, linear recovery wherever there is calibration text; without it,
+    the criterion's top-k); the paper's path is select topk, recover none (score's default, SCORE_PLAN).
+    Measured in benchmarks/bench_recovery.py."""
+
+    select: str = option("auto", "topk: the criterion's order; span: best contiguous span; iterative: SLEB order; "
+                         "best: all of them, scored by calibration perplexity after recovery; auto: top-k and spans "
+                         "with --calib, no iterative order (it costs about k criterion passes)",
+                         choices=("auto", *SELECTIONS))  # fmt: skip
+    recover: str = option("auto", "linear: a least-squares map per removed run, folded into the kept block before "
+                          "it (ReplaceMe); auto: linear with --calib where the family allows",
+                          choices=RECOVER)  # fmt: skip
+    recover_calib: str | CalibSpec | None = option(None, "fitting text for the recovery (default: the --calib "
+                                                   "source, other windows)")  # fmt: skip
+    recover_samples: int = option(RECOVER_SAMPLES, "fitting windows of --seq-len tokens", min=1)
+    recover_order: str = option("best", "fit the runs front to back on the model being pruned, each on the "
+                                "unpruned model, or both and keep the better", choices=ORDERS)  # fmt: skip
+    ridge: float = option(DEFAULT_RIDGE, "relative ridge term")
+    recover_always: bool = option(False, "prune: fold the map in even where it raises the calibration perplexity "
+                                  "(default: where it helps)")  # fmt: skip
+
+
+SCORE_PLAN = PlanOptions(select="topk", recover="none")  # score only plans when asked
 
 
 def model_fingerprint(source: str, config) -> dict:
@@ -32,28 +72,24 @@ def model_fingerprint(source: str, config) -> dict:
 
 def score(
     model: str | Loaded,
-    criterion: str = "ppl",
     calib: CalibSpec | None = None,
-    protect: list[int] | None = None,
-    no_protect: bool = False,
-    iterative: bool = False,
+    *,
+    opts: ScoreOptions | None = None,
+    plan: PlanOptions | None = None,
     num_remove: int | None = None,
     ratio: float | None = None,
-    micro_batch: int = 10,
     load: LoadOptions | None = None,
     out: str | Path | None = None,
     plot: bool = True,
     progress: bool = True,
     force: bool = False,
-    select: str = "topk",
-    recover: str = "none",
-    recover_calib: str | CalibSpec | None = None,
-    recover_samples: int = RECOVER_SAMPLES,
-    recover_order: str = "best",
-    ridge: float = DEFAULT_RIDGE,
+    **settings,
 ) -> BlockScores:
-    """Score every block of a model; optionally write scores.json (and scores.png beside it). With a selection
-    other than topk (or a recovery), the candidate sets of `num_remove` blocks and their scores go in `selection`."""
+    """Score every block of a model (criterion default ppl); optionally write scores.json (and scores.png beside
+    it). With a selection other than topk (or a recovery), the candidate sets of `num_remove` blocks and their
+    scores go in `selection`. settings: ScoreOptions / PlanOptions fields by name (criterion="bi", protect=[0])."""
+    opts, plan = apply([opts or ScoreOptions(), plan or SCORE_PLAN], settings, "score")
+    criterion = opts.criterion or "ppl"
     src = model.source if isinstance(model, Loaded) else model
     if out is not None:
         inputs = {"model": src, "calibration": calib.source if calib is not None else None}
@@ -61,7 +97,6 @@ def score(
         check_output_file(Path(out).with_suffix(".png"), force, inputs) if plot else None
     if calib is not None:
         calib.validate()
-    check_micro_batch(micro_batch)
     if isinstance(model, Loaded):
         loaded = model
         config = model.model.config
@@ -69,39 +104,33 @@ def score(
         config = load_config(model, (load or LoadOptions()).trust_remote_code)
     if calib is not None:
         check_length(config, calib.seq_len, "--seq-len")
+    select, recover = plan.select, plan.recover
     planned = select != "topk" or recover != "none"
     if planned:
-        select, recover, fit_spec = check_plan(select, recover, calib, recover_calib, recover_samples,
-                                               recover_order, config)  # fmt: skip
+        select, recover, fit_spec = check_plan(plan, calib, config)
         planned = select != "topk" or recover != "none"
         if planned and not num_remove and not (ratio and 0 < ratio < 1):
             raise UsageError(f"--select {select} scores sets of blocks: say how many with --remove N or --ratio R")
     if not isinstance(model, Loaded):
         loaded = load_model(model, load, tokenizer=True if calib is not None else "optional")
     n = num_blocks(loaded.model.config)
-    if iterative and num_remove is None and ratio is not None:
+    if opts.iterative and num_remove is None and ratio is not None:
         if not 0 < ratio < 1:
             raise UsageError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
         num_remove = max(1, round(ratio * n))
     batch = load_calibration(calib, loaded.tokenizer) if calib is not None else None
-    result = score_blocks(
-        loaded.model, criterion, batch, protect, no_protect, iterative, num_remove, micro_batch, progress
-    )
+    result = score_blocks(loaded.model, criterion, batch, opts.protect, opts.no_protect, opts.iterative, num_remove,
+                          opts.micro_batch, progress)  # fmt: skip
     result.model = model_fingerprint(loaded.source, loaded.model.config)
     if planned:
         k = num_remove or max(1, round(ratio * n))
-        protected = protected_blocks(n, protect, no_protect)
-        sel = plan_removal(loaded, result, k, None, select, recover, calib, fit_spec, protected, micro_batch, ridge,
-                           recover_order, progress)  # fmt: skip
+        protected = protected_blocks(n, opts.protect, opts.no_protect)
+        sel = plan_removal(loaded, result, k, None, select, recover, calib, fit_spec, protected, opts.micro_batch,
+                           plan.ridge, plan.recover_order, progress)  # fmt: skip
         result.selection = sel.to_dict()
     if out is not None:
         save_scores(result, out, plot, force=force)
     return result
-
-
-def check_micro_batch(micro_batch: int) -> None:
-    if not isinstance(micro_batch, int) or micro_batch < 1:
-        raise UsageError(f"--micro-batch must be at least 1, got {micro_batch}")
 
 
 def save_scores(result: BlockScores, out: str | Path, plot: bool = True, force: bool = True) -> None:
@@ -119,40 +148,35 @@ def save_scores(result: BlockScores, out: str | Path, plot: bool = True, force: 
 def prune(
     model: str,
     out: str | Path,
+    *,
     scores: str | Path | BlockScores | None = None,
-    criterion: str | None = None,
     calib: CalibSpec | None = None,
     remove: int | None = None,
     ratio: float | None = None,
     blocks: list[int] | None = None,
-    protect: list[int] | None = None,
-    no_protect: bool = False,
-    iterative: bool = False,
-    micro_batch: int = 10,
+    opts: ScoreOptions | None = None,
+    plan: PlanOptions | None = None,
     load: LoadOptions | None = None,
     force: bool = False,
     progress: bool = True,
-    select: str = PRUNE_SELECT,
-    recover: str = PRUNE_RECOVER,
-    recover_calib: str | CalibSpec | None = None,
-    recover_samples: int = RECOVER_SAMPLES,
-    recover_order: str = "best",
-    ridge: float = DEFAULT_RIDGE,
-    recover_always: bool = False,
+    **settings,
 ) -> dict:
     """Remove blocks and save a standard checkpoint to `out` (which appears only when complete).
 
-    select: topk (the criterion's order), span, iterative or best (candidate sets scored by calibration
-    perplexity after recovery, selection.py); recover: none or linear (recovery.py), fitted on `recover_samples`
-    windows of `recover_calib` (default: the --calib source with seed + 1, so not the scoring windows), and folded
-    in only where it lowers the calibration perplexity (`recover_always`: regardless)."""
-    opts = load or LoadOptions()
+    How many: exactly one of remove, ratio or blocks; which: from `scores`, or scored here with opts.criterion.
+    plan.select: topk (the criterion's order), span, iterative or best (candidate sets scored by calibration
+    perplexity after recovery, selection.py); plan.recover: none or linear (recovery.py), fitted on
+    `recover_samples` windows of `recover_calib` (default: the --calib source with seed + 1, so not the scoring
+    windows), and folded in only where it lowers the calibration perplexity (`recover_always`: regardless).
+    settings: ScoreOptions / PlanOptions fields by name (blocks=[2], no_protect=True, recover="none")."""
+    opts, plan = apply([opts or ScoreOptions(), plan or PlanOptions()], settings, "prune")
+    criterion, protect, no_protect, micro_batch = opts.criterion, opts.protect, opts.no_protect, opts.micro_batch
+    load_opts = load or LoadOptions()
     src = model
     inputs = {"model": src, "calibration": calib.source if calib is not None else None,
               "scores": scores if isinstance(scores, (str, Path)) else None}  # fmt: skip
     check_output_dir(out, force, inputs)
-    config = load_config(src, opts.trust_remote_code)
-    check_micro_batch(micro_batch)
+    config = load_config(src, load_opts.trust_remote_code)
     if calib is not None:
         check_length(config, calib.seq_len, "--seq-len")
     n = num_blocks(config)
@@ -173,31 +197,30 @@ def prune(
     if scores is None and blocks is None:
         if criterion in DATA_DRIVEN and calib is None:
             raise UsageError(f"criterion {criterion} needs calibration data; pass --calib FILE")
-        if iterative and criterion not in DATA_DRIVEN:
+        if opts.iterative and criterion not in DATA_DRIVEN:
             raise UsageError(
                 f"iterative mode needs a data-driven criterion ({', '.join(DATA_DRIVEN)}), not {criterion}"
             )
     if calib is not None:
         calib.validate()
-    if recover == "auto" and 0 in (set(blocks or []) | (set(range(n)) - protected)):
-        recover = "none"  # block 0 could be removed: no kept block before it to fold a map into
-    select, recover, fit_spec = check_plan(
-        select, recover, calib, recover_calib, recover_samples, recover_order, config
-    )
+    removable = set(blocks or []) | (set(range(n)) - protected)
+    select, recover, fit_spec = check_plan(plan, calib, config, removable)
     planned = recover != "none" or (select != "topk" and blocks is None)
     loaded = None
     if blocks is None and scores is None:
-        loaded = load_model(src, opts, tokenizer=True if calib is not None or planned else "optional")
+        loaded = load_model(src, load_opts, tokenizer=True if calib is not None or planned else "optional")
         num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
-        it = iterative or (planned and select in ("iterative", "best") and criterion == "ppl")  # step 1 = ppl's
-        scores = score(loaded, criterion, calib, protect, no_protect, it, num, ratio, micro_batch, progress=progress)
+        it = opts.iterative or (planned and select in ("iterative", "best") and criterion == "ppl")  # step 1 = ppl's
+        scores = score(loaded, calib, opts=dataclasses.replace(opts, iterative=it), plan=SCORE_PLAN, num_remove=num,
+                       ratio=ratio, progress=progress)  # fmt: skip
     order = [i for i in scores.removal_order if i not in protected] if scores else None
     removed = choose_blocks(order, n, remove, ratio, blocks, protected)
     selection = None
     if planned:  # candidate sets scored after recovery (selection.py); the chosen map folded in before the cut
-        loaded = loaded or load_model(src, opts, tokenizer=True)
-        selection = plan_removal(loaded, scores, len(removed), blocks, select, recover, calib, fit_spec, protected,
-                                 micro_batch, ridge, recover_order, progress, recover_always)  # fmt: skip
+        loaded = loaded or load_model(src, load_opts, tokenizer=True)
+        selection = plan_removal(loaded, scores, len(removed), blocks, select, recover, calib, fit_spec,
+                                 protected, micro_batch, plan.ridge, plan.recover_order, progress,
+                                 plan.recover_always)  # fmt: skip
         removed = selection.best.blocks
         if selection.best.recovered:
             fold(loaded.model, selection.best.recovery.maps)
@@ -205,16 +228,16 @@ def prune(
             scores.selection = selection.to_dict()
     folded = selection is not None and selection.best.recovered
     # nothing needs the model in memory (any more): cut the safetensors shard by shard (peak memory ~ one shard)
-    by_surgery = not folded and surgery.applies(src, opts, config)
+    by_surgery = not folded and surgery.applies(src, load_opts, config)
     log.info("removing blocks %s of %d (%s)", removed, n, "tensor surgery" if by_surgery else "in memory")
     if by_surgery:
         loaded = None  # scored (maybe offloaded) model freed before the copy
     else:
-        loaded = loaded or load_model(src, opts, tokenizer="optional")
+        loaded = loaded or load_model(src, load_opts, tokenizer="optional")
         remove_blocks(loaded.model, removed)
     with atomic_dir(out, force, inputs) as tmp:
         if by_surgery:
-            surgery.cut_checkpoint(src, tmp, removed, opts, progress)
+            surgery.cut_checkpoint(src, tmp, removed, load_opts, progress)
         else:
             save_checkpoint(loaded.model, loaded.tokenizer, tmp)
         write_pruning_record(tmp, src, n, removed, scores, selection)

@@ -17,11 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from shortened.converter.criteria import protected_blocks
-from shortened.converter.recovery import DEFAULT_RIDGE, RECOVER_SAMPLES, cache_hiddens, check_recoverable, variant_ppl
+from shortened.converter.recovery import cache_hiddens, check_recoverable, variant_ppl
 from shortened.converter.selection import candidate_sets, check_plan, fit_depths, iterative_order, score_sets
+from shortened.converter.steps import PlanOptions, ScoreOptions
 from shortened.data import CalibBatch, CalibSpec, load_calibration
 from shortened.errors import UsageError
 from shortened.model.families import family_for, num_blocks
+from shortened.options import apply
 
 
 def eval_batch(tokenizer, source: str, seq_len: int = 128, max_windows: int | None = None, add_bos=None, config=None):
@@ -58,32 +60,31 @@ def sweep(
     eval_text: str,
     calib: CalibSpec,
     k_max: int | None = None,
-    select: str = "auto",
-    recover: str = "auto",
-    recover_calib: str | CalibSpec | None = None,
-    recover_samples: int = RECOVER_SAMPLES,
-    recover_order: str = "best",
-    ridge: float = DEFAULT_RIDGE,
-    protect: list[int] | None = None,
-    no_protect: bool = False,
+    *,
+    opts: ScoreOptions | None = None,
+    plan: PlanOptions | None = None,
     eval_seq_len: int = 128,
     eval_max_windows: int | None = 60,
     add_bos: bool | None = None,
-    micro_batch: int = 10,
     max_ppl_ratio: float | None = None,
     load=None,
     out: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    **settings,
 ) -> dict:
     """Rows for k = 1..k_max (default: 40% of the blocks, at most the unprotected ones): the chosen set, its
     calibration perplexity, held-out perplexity without and with recovery, its ratio and the ideal speedup.
-    With `out`: sweep.json, sweep.md and sweep.png there. With max_ppl_ratio: "picked_k" (pick_k)."""
+    With `out`: sweep.json, sweep.md and sweep.png there. With max_ppl_ratio: "picked_k" (pick_k).
+    opts: protect, no_protect and micro_batch (the criterion is the iterative order's: ppl); settings:
+    ScoreOptions / PlanOptions fields by name (protect=[0], recover="linear")."""
     from shortened.io import atomic_dir, check_output_dir
     from shortened.model.loading import Loaded, load_config, load_model
 
+    opts, plan = apply([opts or ScoreOptions(), plan or PlanOptions()], settings, "sweep")
+    protect, no_protect, micro_batch = opts.protect, opts.no_protect, opts.micro_batch
     src = model.source if isinstance(model, Loaded) else str(model)
-    rc = recover_calib.source if isinstance(recover_calib, CalibSpec) else recover_calib
+    rc = plan.recover_calib.source if isinstance(plan.recover_calib, CalibSpec) else plan.recover_calib
     inputs = {"model": src, "eval text": eval_text, "calibration": calib.source if calib else None,
               "recovery calibration": rc}  # fmt: skip
     if out is not None:
@@ -92,9 +93,7 @@ def sweep(
         raise UsageError("the sweep chooses sets on calibration text: pass --calib FILE")
     calib.validate()
     config = model.model.config if isinstance(model, Loaded) else load_config(str(model))
-    select, recover, fit_spec = check_plan(
-        select, recover, calib, recover_calib, recover_samples, recover_order, config
-    )
+    select, recover, fit_spec = check_plan(plan, calib, config)
     n = num_blocks(config)
     protected = protected_blocks(n, protect, no_protect)
     candidates = [i for i in range(n) if i not in protected]
@@ -126,7 +125,7 @@ def sweep(
         fit_cache = cache_hiddens(m, load_calibration(fit_spec, tok), micro_batch, depths=depths, progress=progress)
     rows = []
     for k in tqdm(range(1, k_max + 1), desc="sweep: k", disable=not progress):
-        sel = score_sets(m, all_sets[k], score_cache, fit_cache, recover, ridge, recover_order, False, select)
+        sel = score_sets(m, all_sets[k], score_cache, fit_cache, recover, plan.ridge, plan.recover_order, False, select)
         best = sel.best
         row = {
             "k": k,

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from shortened.converter.criteria import CRITERIA
+from shortened.converter.recovery import RECOVER, RECOVER_SAMPLES
+from shortened.converter.retrain import METHODS
+from shortened.converter.selection import SELECTIONS
 from shortened.errors import UsageError
 from shortened.io import check_no_overlap, check_output_dir
+from shortened.options import check, from_mapping, option
+from shortened.validators.timing import BACKENDS
 
 STEPS = ("score", "sweep", "prune", "retrain", "onnx", "tensorrt", "parity", "quality", "speed")
+PRECISIONS = ("fp32", "fp16", "bf16", "int4", "int8")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -18,80 +27,95 @@ class ConvertConfig:
     """Every setting of `shortened convert`. In convert.toml, sections only group keys: [pruning] ratio = 0.2
     sets `ratio`. On the command line each is a flag: --ratio 0.2, --no-width-baseline, --batch-sizes 1,8."""
 
-    model: str = ""  # checkpoint directory, hub id or .gguf file
-    out: str = ""
-    force: bool = False
+    model: str = option("", "checkpoint directory, hub id or .gguf file", cli=False)  # the positional MODEL
+    out: str = option("", "output directory (appears only when every step has run)")
+    force: bool = option(False, "replace an earlier output of this tool (its finished steps are reused)")
     # loading
-    dtype: str = "float32"
-    device: str = "cpu"
-    trust_remote_code: bool = False
+    dtype: str = option("float32", "weights' dtype while scoring and pruning", choices=DTYPES)
+    device: str = option("cpu", "cpu, cuda, cuda:N, or auto (shard across GPUs)")
+    trust_remote_code: bool = option(False, "run the model repository's own code")
     # calibration (the paper: 10 samples of 128 tokens)
-    calib: str = ""  # .txt, .jsonl or hf:DATASET
-    num_samples: int = 10
-    seq_len: int = 128
-    seed: int = 0
-    add_bos: bool = False
+    calib: str = option("", "calibration text: a .txt or .jsonl file, or hf:DATASET[:CONFIG]")
+    num_samples: int = option(10, "calibration samples")
+    seq_len: int = option(128, "tokens per calibration sample")
+    seed: int = option(0, "seed for the calibration windows (and parity's prompts)")
+    add_bos: bool = option(False, "start every calibration and evaluation window with the BOS token")
     # scoring and pruning (the paper: PPL criterion with the "+" protection, 20% of the blocks)
-    criterion: str = "ppl"
-    iterative: bool = False
-    protect: list = None  # default: first 4 and last 2 blocks
-    no_protect: bool = False
-    ratio: float = 0.2  # or "auto": the largest k whose held-out PPL ratio stays within max_ppl_ratio (a sweep)
-    remove: int = 0  # > 0 overrides ratio
-    blocks: list = None  # explicit blocks, overrides both
+    criterion: str = option("ppl", "block-importance criterion", choices=CRITERIA)
+    iterative: bool = option(False, "remove one block at a time and rescore (SLEB-style)")
+    protect: list[int] | None = option(None, "blocks never removed (default 0,1,2,3,-2,-1)")
+    no_protect: bool = option(False, "every block is a candidate")
+    ratio: float | Literal["auto"] = option(0.2, "fraction of the blocks removed, or auto: the largest k whose "
+                                            "held-out PPL ratio stays within --max-ppl-ratio (a sweep)")  # fmt: skip
+    remove: int = option(0, "number of blocks removed; > 0 overrides --ratio")
+    blocks: list[int] | None = option(None, "explicit blocks removed; overrides --remove and --ratio")
     # selection and training-free recovery (converter/selection.py, recovery.py); auto: best / linear with calib
-    select: str = "auto"  # topk (the paper) | span | iterative | best | auto (top-k and spans where calib is given)
-    recover: str = "auto"  # none (the paper) | linear | auto (linear where calib is given and the family allows)
-    recover_calib: str = ""  # fitting text for the recovery (default: calib, other windows)
-    recover_samples: int = 64
-    sweep_max_remove: int = 0  # ratio = "auto": the largest k tried (0: 40% of the blocks)
+    select: str = option("auto", "topk: the criterion's order (the paper); span: best contiguous span; iterative: "
+                         "SLEB order; best: all of them, by calibration perplexity after recovery; auto: top-k and "
+                         "spans with --calib", choices=("auto", *SELECTIONS))  # fmt: skip
+    recover: str = option("auto", "none (the paper); linear: a least-squares map per removed run, folded into the "
+                          "kept block before it; auto: linear with --calib where the family allows",
+                          choices=RECOVER)  # fmt: skip
+    recover_calib: str = option("", "fitting text for the recovery (default: --calib, other windows)")
+    recover_samples: int = option(RECOVER_SAMPLES, "recovery fitting windows of --seq-len tokens", min=1)
+    sweep_max_remove: int = option(0, "with --ratio auto: the largest k tried (0: 40%% of the blocks)")
     # retraining (off unless a method is given; other RetrainConfig options in [retrain_options])
-    retrain: str = ""  # lora | full | distill | partial
-    retrain_data: str = ""
-    retrain_steps: int = 100
-    retrain_options: dict = field(default_factory=dict)
+    retrain: str = option("", "retrain the pruned model (default: no retraining)", choices=METHODS)
+    retrain_data: str = option("", "retraining data: .txt, .jsonl or hf:DATASET[:CONFIG]")
+    retrain_steps: int = option(100, "retraining optimizer steps")
+    retrain_options: dict = option(default_factory=dict, help="other `shortened retrain` options, e.g. "
+                                   '\'{"lr": 2e-4}\'')  # fmt: skip
     # export
-    precision: str = "fp32"
-    precisions: list = field(default_factory=list)  # e.g. ["fp32", "int4"]: each exported, checked, measured; the
-    # last is the deployed artifact (gated); empty: [precision]
-    quant_options: dict = field(default_factory=dict)  # int4/int8: exporters.quantize.QuantOptions fields
-    opset: int = 0  # 0: the exporter's default
-    optimize: bool = False  # onnxruntime's fused graph (GroupQueryAttention); TensorRT then gets a portable export
-    tensorrt: str = "auto"  # auto: build where TensorRT and a GPU are present; on: required; off
-    trt_batch: str = "1:8:32"
-    trt_seq: str = "1:128:2048"
+    precision: str = option("fp32", "the exported precision", choices=PRECISIONS)
+    precisions: list[str] = option(default_factory=list, help="several, each exported, checked and measured; the "
+                                   "last is the deployed artifact (gated); empty: --precision",
+                                   choices=PRECISIONS)  # fmt: skip
+    quant_options: dict = option(default_factory=dict, help="int4/int8: exporters.quantize.QuantOptions fields")
+    opset: int = option(0, "ONNX opset (0: the exporter's default)")
+    optimize: bool = option(False, "onnxruntime's fused graph (GroupQueryAttention); TensorRT then gets a portable "
+                            "export")  # fmt: skip
+    tensorrt: str = option("auto", "auto: build where TensorRT and a GPU are present; on: required",
+                           choices=("auto", "on", "off"))  # fmt: skip
+    trt_batch: str = option("1:8:32", "TensorRT batch profile min:opt:max")
+    trt_seq: str = option("1:128:2048", "TensorRT sequence profile min:opt:max")
     # parity
-    parity_new_tokens: int = 16
-    parity_batch_sizes: list = field(default_factory=lambda: [1, 2])
-    parity_tolerances: dict = field(default_factory=dict)  # e.g. {max_abs = 1e-3}
-    parity_prompts: str = ""  # a text file of prompts (default: random ids plus the calibration text)
+    parity_new_tokens: int = option(16, "greedy tokens decoded with the cache")
+    parity_batch_sizes: list[int] = option(default_factory=lambda: [1, 2], help="parity batch sizes, left padded")
+    parity_tolerances: dict = option(default_factory=dict, help="override the precision's tolerances, e.g. "
+                                     '\'{"max_abs": 1e-3}\'')  # fmt: skip
+    parity_prompts: str = option("", "a text file of prompts (default: random ids plus the calibration text)")
     # quality
-    eval_text: str = ""  # a text file or wikitext2 / ptb (needs `datasets`); empty: the quality step is skipped
-    eval_seq_len: int = 128
-    eval_max_windows: int = 0  # 0: the whole text
+    eval_text: str = option("", "held-out text: a file, wikitext2 or ptb (needs `datasets`); empty: no quality step")
+    eval_seq_len: int = option(128, "perplexity window length in tokens")
+    eval_max_windows: int = option(0, "first N windows of the text (0: the whole text)")
     # speed
-    speed: bool = True
-    speed_backend: str = "onnxruntime"
-    batch_sizes: list = field(default_factory=lambda: [1, 8, 32])
-    prompt_len: int = 128
-    new_tokens: int = 32
-    repeats: int = 3  # at least; more until every speedup's 95% interval is within +-speed_ci_target
-    speed_ci_target: float = 0.03  # 0: exactly `repeats`
-    speed_time_budget: float = 120.0  # seconds per batch size before giving up on the target ("not resolved")
-    width_baseline: bool = True
+    speed: bool = option(True, "measure the pruned model's speed against the original")
+    speed_backend: str = option("onnxruntime", "what runs the models for the speed step", choices=BACKENDS)
+    batch_sizes: list[int] = option(default_factory=lambda: [1, 8, 32], help="speed batch sizes", min=1)
+    prompt_len: int = option(128, "prompt tokens")
+    new_tokens: int = option(32, "generated tokens per run", min=2)
+    repeats: int = option(3, "interleaved repetitions per batch size, at least; more until every speedup's 95%% "
+                          "interval is within +-speed_ci_target", min=1)  # fmt: skip
+    speed_ci_target: float = option(0.03, "relative half-width of the speedups' 95%% intervals (0: exactly repeats)")
+    speed_time_budget: float = option(120.0, "seconds per batch size before giving up on the target")
+    width_baseline: bool = option(True, "also measure a width-pruned copy with the pruned model's parameter count")
     # gates
-    max_ppl_ratio: float = 0.0  # 0: no gate; else pruned (or retrained) PPL / original PPL must not exceed it
-    min_speedup: float = 0.0  # 0: no gate; else the decode speedup at every batch size must reach it
-    rerun: list = field(default_factory=list)  # steps to run again even when cached
+    max_ppl_ratio: float = option(0.0, "gate: pruned (or retrained) PPL / original PPL at most this (0: no gate)",
+                                  min=0)  # fmt: skip
+    min_speedup: float = option(0.0, "gate: decode speedup at every batch size at least this (0: no gate)", min=0)
+    rerun: list[str] = option(default_factory=list, help="steps run again even when cached", choices=STEPS)
 
     def validate(self) -> None:
-        """Check the whole configuration before any heavy work (exit code 2 on the first problem)."""
-        from shortened.converter.criteria import CRITERIA, DATA_DRIVEN
+        """Check the whole configuration before any heavy work (exit code 2 on the first problem): every field's
+        type, choices and minimum (options.check, as for TOML and flags), then what needs the model's config."""
+        from shortened.converter.criteria import DATA_DRIVEN
         from shortened.data import CalibSpec
         from shortened.model.loading import load_config
 
+        check(self)
         if not self.model:
-            raise UsageError("no model: pass --model DIR (or `model = ...` in the config)")
+            raise UsageError("no model: pass it first, `shortened convert MODEL --out DIR` (or `model = ...` in the "
+                             "config)")  # fmt: skip
         if not self.out:
             raise UsageError("no output directory: pass --out DIR")
         model_config = load_config(self.model, self.trust_remote_code)
@@ -118,12 +142,11 @@ class ConvertConfig:
         unknown = sorted(set(self.retrain_options) - known)
         if unknown:
             raise UsageError(f"unknown retrain_options {', '.join(unknown)}; see `shortened retrain --help`")
+        check(RetrainConfig(**self.retrain_options), "retrain_options")  # their types, as `shortened retrain` does
         from shortened.exporters.tensorrt import parse_range
 
         parse_range(self.trt_batch, "trt-batch")
         parse_range(self.trt_seq, "trt-seq")
-        if self.criterion not in CRITERIA:
-            raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.criterion in DATA_DRIVEN and not self.blocks:  # explicit blocks need no scores
             if not self.calib:
                 raise UsageError(f"criterion {self.criterion} needs calibration text: pass --calib FILE")
@@ -138,14 +161,9 @@ class ConvertConfig:
         resolve(self.select, self.recover, load_config(self.model, self.trust_remote_code), bool(self.calib))
         if self.recover_calib and not Path(self.recover_calib).is_file():
             raise UsageError(f"recovery calibration file {self.recover_calib} not found")
-        if self.retrain and self.retrain not in ("lora", "full", "distill", "partial"):
-            raise UsageError(f"unknown retrain method {self.retrain!r}; choose lora, full, distill or partial")
         if self.retrain and not self.retrain_data:
             raise UsageError("retraining needs data: pass --retrain-data FILE")
-        if self.precision not in ("fp32", "fp16", "bf16", "int4", "int8"):
-            raise UsageError(f"unknown precision {self.precision!r}; choose fp32, fp16, bf16, int4 or int8")
-        bad = [p for p in self.precisions if p not in ("fp32", "fp16", "bf16", "int4", "int8")]
-        if bad or len(set(self.precisions)) != len(self.precisions):
+        if len(set(self.precisions)) != len(self.precisions):
             raise UsageError(f"precisions must be distinct, of fp32, fp16, bf16, int4, int8; got {self.precisions}")
         if any(p in ("int4", "int8") for p in self.all_precisions()) or self.quant_options:
             from shortened.exporters.onnx import _quant_options
@@ -153,10 +171,6 @@ class ConvertConfig:
             for p in self.all_precisions():
                 if p in ("int4", "int8"):
                     _quant_options(p, dict(self.quant_options), self.optimize, self.calib or None)
-        if self.tensorrt not in ("auto", "on", "off"):
-            raise UsageError(f"tensorrt must be auto, on or off, got {self.tensorrt!r}")
-        if self.speed_backend not in ("torch", "onnxruntime", "tensorrt"):
-            raise UsageError(f"unknown speed backend {self.speed_backend!r}; choose torch, onnxruntime or tensorrt")
         if self.eval_text and not Path(self.eval_text).is_file() and self.eval_text not in ("wikitext2", "ptb"):
             raise UsageError(f"eval text {self.eval_text} not found: pass a text file, wikitext2 or ptb")
         if self.parity_prompts and not Path(self.parity_prompts).is_file():
@@ -167,14 +181,6 @@ class ConvertConfig:
             reason = tensorrt_unavailable_reason()
             if reason:
                 raise UsageError(f"tensorrt = on, but {reason}")
-        bad = [s for s in self.rerun if s not in STEPS]
-        if bad:
-            raise UsageError(f"unknown step(s) in rerun: {bad}; steps: {', '.join(STEPS)}")
-        if any(b < 1 for b in self.batch_sizes) or self.repeats < 1 or self.new_tokens < 2:
-            raise UsageError("batch sizes and repeats must be positive and new_tokens at least 2")
-        for name in ("max_ppl_ratio", "min_speedup"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must not be negative")
 
     def inputs(self) -> dict:
         """Everything convert reads, by label: an output may not equal, contain or lie inside any of them."""
@@ -185,11 +191,6 @@ class ConvertConfig:
     def all_precisions(self) -> list:
         """The exported precisions in order; the last one is deployed (and gated)."""
         return list(self.precisions) or [self.precision]
-
-
-# settings holding lists, and the type of their items
-LIST_SETTINGS = {"protect": int, "blocks": int, "parity_batch_sizes": int, "batch_sizes": int, "rerun": str,
-                 "precisions": str}  # fmt: skip
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ConvertConfig)}
@@ -220,27 +221,5 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
 
 def make_config(settings: dict) -> ConvertConfig:
-    cfg = ConvertConfig()
-    for k, v in settings.items():
-        if k not in FIELDS:
-            raise UsageError(f"unknown setting {k!r}")
-        default = getattr(cfg, k)
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise UsageError(f"setting {k} must be true or false, got {v!r}")
-        if k == "ratio" and v == "auto":
-            pass
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise UsageError(f"setting {k} must be a number, got {v!r}")
-            v = type(default)(v)
-        if isinstance(default, str) and not isinstance(v, str):
-            raise UsageError(f"setting {k} must be a string, got {v!r}")
-        if k in LIST_SETTINGS:
-            kind = LIST_SETTINGS[k]
-            if not isinstance(v, list) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
-                what = "integers" if kind is int else "strings"
-                raise UsageError(f"setting {k} must be a list of {what} (TOML [1, 8], flag 1,8), got {v!r}")
-        if isinstance(default, dict) and not isinstance(v, dict):
-            raise UsageError(f"setting {k} must be a table / JSON object (e.g. {{max_abs = 1e-3}}), got {v!r}")
-        setattr(cfg, k, v)
-    return cfg
+    """A ConvertConfig from flat settings (convert.toml and flags), each type-checked by options.check."""
+    return from_mapping(ConvertConfig, settings)

@@ -209,8 +209,9 @@ def score_step(iterative: bool, ctx: Ctx, res: dict) -> dict:
 
     cfg = ctx.cfg
     ratio = 0.2 if cfg.ratio == "auto" else cfg.ratio
-    s = score(cfg.model, cfg.criterion, ctx.calib, cfg.protect, cfg.no_protect, iterative, cfg.remove or None,
-              ratio, load=ctx.load, progress=ctx.progress)  # fmt: skip
+    s = score(cfg.model, ctx.calib, criterion=cfg.criterion, protect=cfg.protect, no_protect=cfg.no_protect,
+              iterative=iterative, num_remove=cfg.remove or None, ratio=ratio, load=ctx.load,
+              progress=ctx.progress)  # fmt: skip
     remove_output_file(ctx.work / "scores.json")  # the previous run's
     save_scores(s, ctx.work / "scores.json", plot=False)
     return s.to_dict()

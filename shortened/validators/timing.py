@@ -54,14 +54,15 @@ class SpeedOptions:
     threads: int | None = option(None, "intra-op threads per model (default and 0: all cores)", min=0)
     precision: str = option("fp32", "precision of the ONNX exports and engines made for the run", choices=PRECISIONS)
     seed: int = option(0, "seed of the random prompt tokens")
-    ci_target: float | None = option(0.03, "repeat until every speedup's 95% interval is within +-this (None: "
-                                     "exactly `repeats`)", min=0)  # fmt: skip
+    ci_target: float | None = option(0.03, "repeat until every speedup's 95% interval is within +-this (0 or "
+                                     "None: exactly `repeats`)", min=0)  # fmt: skip
     time_budget_s: float = option(120.0, "stop repeating after this many seconds per batch size", min=0,
                                   flag="--time-budget")  # fmt: skip
     max_repeats: int | None = option(None, "at most this many repetitions (default and 0: 10 x repeats)", min=0)
 
     def __post_init__(self):
         check(self, "speed setting")
+        self.ci_target = self.ci_target or None  # 0: exactly `repeats`, as on the command line
         bs = sorted(set(self.batch_sizes))
         if not bs or bs[0] < 1:
             raise UsageError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")

@@ -52,8 +52,8 @@ elif point == "after-graph":
     import shortened.exporters.onnx as m
     after(m, "_save")
 elif point == "between-steps":
-    import importlib
-    m = importlib.import_module("shortened.pipeline.convert")  # (the package's `convert` is the function)
+    import shortened.pipeline.convert
+    m = sys.modules["shortened.pipeline.convert"]  # (the package's `convert` attribute is the function)
     orig_step = m._run_step
     def step(steps, name, *a, **k):
         if name == "onnx":

@@ -34,8 +34,8 @@ def test_half_the_blocks_on_disk(tiny_models, tmp_path):
 @pytest.mark.parametrize("criterion", ["ppl", "bi", "taylor", "magnitude"])
 def test_offloaded_scores_equal_in_memory(tiny_models, calib, criterion):
     src = str(tiny_models["llama"])
-    ref = score(src, criterion, calib, no_protect=True, progress=False, plot=False)
-    off = score(src, criterion, calib, no_protect=True, load=LoadOptions(device="auto", max_memory=BUDGET),
+    ref = score(src, calib, criterion=criterion, no_protect=True, progress=False, plot=False)
+    off = score(src, calib, criterion=criterion, no_protect=True, load=LoadOptions(device="auto", max_memory=BUDGET),
                 progress=False, plot=False)  # fmt: skip
     assert all(s > 0 for s in ref.scores)  # a zero would be an offloaded block's lost gradient
     assert off.scores == pytest.approx(ref.scores, rel=1e-5)

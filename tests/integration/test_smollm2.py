@@ -31,7 +31,7 @@ def test_smollm2_ppl_and_taylor_prune_6_of_30(smollm2, calib, tmp_path, capsys, 
 
     lines = [f"SmolLM2-135M original: WikiText-2 PPL {base.ppl:.2f} ({base.windows} x 128-token windows)"]
     for criterion in ("ppl", "taylor"):
-        s = score(loaded, criterion, calib, out=tmp_path / f"{criterion}.json", progress=False)
+        s = score(loaded, calib, criterion=criterion, out=tmp_path / f"{criterion}.json", progress=False)
         assert s.candidates == list(range(4, 28))
         assert len(s.removal_order) == 24 and not set(s.removal_order) & {0, 1, 2, 3, 28, 29}
         out = tmp_path / f"pruned-{criterion}"

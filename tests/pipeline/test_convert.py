@@ -85,8 +85,8 @@ def test_invalid_config_fails_before_any_work(tiny8, texts, tmp_path, capsys):
         (["--ratio", "1.5"], "between 0 and 1"),
         (["--calib", str(tmp_path / "missing.txt")], "not found"),
         (["--criterion", "nope"], "unknown criterion"),
-        (["--speed-backend", "tpu"], "unknown speed backend"),
-        (["--rerun", "everything"], "unknown step"),
+        (["--speed-backend", "tpu"], "unknown speed_backend 'tpu'; choose one of torch"),
+        (["--rerun", "everything"], "unknown rerun 'everything'; choose one of score"),
     ]
     for extra, message in cases:
         code = main(_args(tiny8, out, calib, evalt, *extra))
