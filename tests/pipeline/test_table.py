@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
+from shortened.pipeline.build import Steps, run_steps
 from shortened.pipeline.config import ConvertConfig
-from shortened.pipeline.convert import Steps, run_steps
 from shortened.pipeline.table import Ctx, step_keys, table
 
 ALL = {"score", "prune", "onnx", "onnx-int4", "tensorrt", "parity", "parity-int4", "quality", "speed"}
