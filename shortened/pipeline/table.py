@@ -1,6 +1,6 @@
 """The steps of `convert` as a table. Each step names the steps whose results it takes (`after`), the settings
 (ConvertConfig fields) and input files whose fingerprints enter its key, and a function from those results to its
-own (a JSON-able dict, paths in it relative to the output directory). convert.py runs the table.
+own (a JSON-able dict, paths in it relative to the output directory). build.py runs the table.
 
     score -> sweep (ratio = auto) -> prune -> retrain (a method given) -> onnx (per precision) -> tensorrt (where
     TensorRT and a GPU are) -> parity (per precision) -> quality (eval_text given) -> speed (unless --no-speed)
