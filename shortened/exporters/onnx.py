@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import logging
 import resource
 import shutil
@@ -42,6 +41,7 @@ from shortened.errors import UsageError
 from shortened.exporters.quantize import QuantOptions
 from shortened.model.families import geometry
 from shortened.options import check, option
+from shortened.versions import EXPORT_PACKAGES, versions
 
 log = logging.getLogger(__name__)
 
@@ -423,16 +423,6 @@ def _write_side_files(staging: Path, model, tokenizer, cache: bool, fused: bool 
     write_json(staging / "genai_config.json", genai_config(model.config, gen, ONNX_FILE, cache, share_buffer=fused))
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "optimum-onnx"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The options
 
@@ -535,27 +525,32 @@ def export_onnx(model, out, options: ExportOptions | None = None, *, force: bool
     the options'. force: replace an existing `out`. load: LoadOptions for loading (its dtype is replaced by the
     precision's, its device by the CPU).
     """
-    from shortened.io import atomic_dir, check_output_dir
+    from shortened.io import atomic_dir, check_output_dir, output_key, up_to_date
     from shortened.model.loading import Loaded, LoadOptions, load_config
 
     opts = dataclasses.replace(options or ExportOptions(), **fields).validate()
     source = model.source if isinstance(model, Loaded) else str(model)
+    settings = {"options": opts, "load": load}  # a model in memory may differ from its source: no key
+    key = None if isinstance(model, Loaded) else output_key({"model": source, "calibration": opts.calib}, settings)
+    if (done := up_to_date(out, key, force)) is not None:
+        return done
     check_output_dir(out, force, inputs=(source,))
     if not isinstance(model, Loaded):
         load_config(str(model), (load or LoadOptions()).trust_remote_code)  # missing or unsupported: fail here
     t0 = time.perf_counter()
     if opts.exporter == "optimum":
-        return _export_optimum(model, out, opts, force, t0)
+        return _export_optimum(model, out, opts, force, t0, key)
+    summary = {}  # filled in below; atomic_dir's marker keeps it for up_to_date
     with _stages(progress) as stage:
         torch_model, tokenizer = _load_on_cpu(model, opts, load, stage)
         onnx_model, fused_reason = _first_graph(torch_model, opts, stage)
-        with atomic_dir(out, force, inputs=(source,)) as staging:
+        with atomic_dir(out, force, inputs=(source,), key=key, result=summary) as staging:
             onnx_model, info = _optimize_or_save(staging, onnx_model, torch_model, opts, fused_reason, stage)
             if opts.quant:
                 stage(opts.precision)
                 onnx_model, info["quantization"] = _quantize(staging, onnx_model, torch_model, tokenizer, opts)
             stage("side files")
-            summary = _finish(staging, out, onnx_model, torch_model, tokenizer, opts, info, source, t0)
+            summary.update(_finish(staging, out, onnx_model, torch_model, tokenizer, opts, info, source, t0))
     return summary
 
 
@@ -673,7 +668,7 @@ def _finish(staging, out, onnx_model, torch_model, tokenizer, opts: ExportOption
     _write_side_files(staging, torch_model, tokenizer, opts.cache, fused=info.get("graph") == "fused")
     n_layers = cache_geometry(torch_model.config)[0]
     summary = _summary(staging, out, onnx_model, "torch", opts.precision, opts.cache, n_layers, t0, info, source)
-    write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
+    write_json(staging / RECORD_FILE, {**summary, "versions": versions(EXPORT_PACKAGES)})
     return summary
 
 
@@ -703,7 +698,7 @@ def _summary(staging, out, onnx_model, exporter, precision, cache, n_layers, t0,
 # Optimum's exporter (optimum-onnx; needs transformers < 4.58)
 
 
-def _export_optimum(model, out, opts: ExportOptions, force, t0) -> dict:
+def _export_optimum(model, out, opts: ExportOptions, force, t0, key=None) -> dict:
     import onnx_ir
 
     from shortened.io import atomic_dir, write_json
@@ -723,7 +718,8 @@ def _export_optimum(model, out, opts: ExportOptions, force, t0) -> dict:
     config = load_config(str(model))
     n_layers = cache_geometry(config)[0]
     precision, cache = opts.precision, opts.cache
-    with atomic_dir(out, force, inputs=(str(model),)) as staging:
+    summary = {}
+    with atomic_dir(out, force, inputs=(str(model),), key=key, result=summary) as staging:
         raw = staging / "optimum"
         task = "text-generation-with-past" if cache else "text-generation"
         dtype = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
@@ -745,16 +741,10 @@ def _export_optimum(model, out, opts: ExportOptions, force, t0) -> dict:
         with contextlib.suppress(OSError):
             gen = GenerationConfig.from_pretrained(staging)
         write_json(staging / "genai_config.json", genai_config(cfg, gen, ONNX_FILE, cache))
-        summary = _summary(staging, out, onnx_model, "optimum", precision, cache, n_layers, t0, {}, str(model))
-        write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
+        summary.update(_summary(staging, out, onnx_model, "optimum", precision, cache, n_layers, t0, {}, str(model)))
+        write_json(staging / RECORD_FILE, {**summary, "versions": versions(EXPORT_PACKAGES)})
     return summary
 
 
-def read_record(onnx_dir) -> dict:
-    """The export.json of an export directory ({} when absent)."""
-    p = Path(onnx_dir) / RECORD_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
 __all__ = ["ONNX_FILE", "DATA_FILE", "ExportOptions", "export_onnx", "genai_config", "kv_names",
-           "padded_batch_check", "read_record"]  # fmt: skip
+           "padded_batch_check"]  # fmt: skip
