@@ -4,13 +4,16 @@ Output rules (issue 10): an output never equals, contains or lies inside an inpu
 symlinks followed); `--force` replaces only an output this tool wrote, recognised by the marker that
 `atomic_dir` puts inside every directory it completes (`.shortened-output.json`) and the record `atomic_file`
 puts beside every file (`.NAME.shortened.json`, holding the file's sha256); an empty directory holds nothing to
-lose and may be replaced too. Temporary siblings are named `.NAME.tmp-PID`; those of dead processes are removed
-by the next run (and it says so).
+lose and may be replaced too. A stage that gives atomic_dir a key (output_key: its inputs' fingerprints and its
+settings) and finds the same key in the marker of an existing output does nothing (`up_to_date`), as make does;
+--force is needed only to replace an output made from other inputs or settings. Temporary siblings are named
+`.NAME.tmp-PID`; those of dead processes are removed by the next run (and it says so).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -218,9 +221,11 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFB
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False, inputs=()):
+def atomic_dir(out: str | os.PathLike, force: bool = False, inputs=(), key: str | None = None,
+               result: dict | None = None):  # fmt: skip
     """Yield a temporary directory next to `out`; it becomes `out` (with this tool's marker inside) only when
-    the block finishes. On any error or interrupt the temporary directory is removed."""
+    the block finishes. On any error or interrupt the temporary directory is removed. The marker keeps `key`
+    (output_key) and `result` (the stage's return value, a dict the block may still fill in) for up_to_date."""
     out = check_output(out, force, inputs, kind="dir")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
@@ -230,7 +235,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False, inputs=()):
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        write_marker(tmp)
+        write_marker(tmp, key, result)
         replace_path(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,11 +247,51 @@ def atomic_dir(out: str | os.PathLike, force: bool = False, inputs=()):
         raise
 
 
-def write_marker(directory: str | os.PathLike) -> None:
+def write_marker(directory: str | os.PathLike, key: str | None = None, result: dict | None = None) -> None:
     from shortened import __version__
 
     rec = {"tool": f"shortened {__version__}", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (Path(directory) / MARKER).write_text(json.dumps(rec) + "\n")
+    if key is not None:
+        rec.update(key=key, result=result or {})
+    (Path(directory) / MARKER).write_text(json.dumps(rec, default=_json_default) + "\n")
+
+
+def output_key(inputs, settings: dict) -> str:
+    """What an output is made from, as one sha256: the inputs' fingerprints (fingerprint_path; a hub id or an
+    hf: source by its name), the settings (JSON, keys sorted) and this tool's version. Same key, same output."""
+    from shortened import __version__
+
+    items = inputs.items() if isinstance(inputs, dict) else (("input", p) for p in inputs)
+    prints = {}
+    for label, p in items:
+        paths = p if isinstance(p, (list, tuple)) else [p]
+        prints[label] = [fingerprint_path(x)["sha256"] if x and Path(str(x)).exists() else x for x in paths]
+    text = json.dumps({"tool": __version__, "inputs": prints, "settings": settings}, sort_keys=True,
+                      default=_key_default)  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _key_default(o):
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    return _json_default(o)
+
+
+def up_to_date(out: str | os.PathLike, key: str | None, force: bool = False) -> dict | None:
+    """The recorded result of `out` when this tool made it with the same key (output_key) and there is no
+    --force; it says so on stderr, as make does. None otherwise: the stage runs (and check_output decides)."""
+    if key is None or force:
+        return None
+    try:
+        rec = json.loads((real_path(out) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("key") != key or not isinstance(rec.get("result"), dict):
+        return None
+    print(f"shortened: {out} is up to date", file=sys.stderr)
+    return rec["result"]
 
 
 @contextlib.contextmanager

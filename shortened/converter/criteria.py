@@ -265,6 +265,16 @@ def _score_current(model, criterion, batch, candidates, micro_batch, progress):
     raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
 
 
+def check_criterion(criterion: str, calibrated: bool, iterative: bool = False) -> None:
+    """A known criterion, given calibration data where it needs some; iterative removal needs a data-driven one."""
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion in DATA_DRIVEN and not calibrated:
+        raise UsageError(f"criterion {criterion} needs calibration data; pass --calib FILE")
+    if iterative and criterion not in DATA_DRIVEN:
+        raise UsageError(f"iterative mode needs a data-driven criterion ({', '.join(DATA_DRIVEN)}), not {criterion}")
+
+
 def score_blocks(
     model,
     criterion: str,
@@ -281,10 +291,7 @@ def score_blocks(
     ppl criterion it reuses cached passes (selection.iterative_order; `reuse=False`: rescore from scratch)."""
     from shortened.model.blocks import remove_blocks
 
-    if criterion not in CRITERIA:
-        raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if criterion in DATA_DRIVEN and batch is None:
-        raise UsageError(f"criterion {criterion} needs calibration data; pass --calib FILE")
+    check_criterion(criterion, batch is not None, iterative)
     n = len(blocks_of(model))
     protected = protected_blocks(n, protect, no_protect)
     candidates = [i for i in range(n) if i not in protected]
@@ -299,8 +306,6 @@ def score_blocks(
             criterion, scores, candidates, order, False, [], base, calib, seconds=time.perf_counter() - t0
         )
 
-    if criterion not in DATA_DRIVEN:
-        raise UsageError(f"iterative mode needs a data-driven criterion ({', '.join(DATA_DRIVEN)}), not {criterion}")
     if not num_remove or num_remove < 1:
         raise UsageError("iterative scoring needs the number of blocks to remove (--remove N or --ratio R)")
     if num_remove > len(candidates):

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 from shortened.errors import UsageError
-from shortened.model.blocks import remove_blocks
 from shortened.model.families import num_blocks
 
 log = logging.getLogger(__name__)
@@ -37,9 +36,8 @@ def choose_blocks(
         chosen = sorted(blocks)
     else:
         if ratio is not None:
-            if not 0 < ratio < 1:
-                raise UsageError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
-            remove = max(1, round(ratio * n_blocks))
+            check_ratio(ratio)
+            remove = blocks_for_ratio(ratio, n_blocks)
         if remove < 1:
             raise UsageError(f"--remove must be at least 1, got {remove}")
         if removal_order is None:
@@ -54,10 +52,15 @@ def choose_blocks(
     return chosen
 
 
-def prune_model(model, removed: list[int]):
-    """Remove blocks (original numbering) from a loaded model, in place; returns the model."""
-    remove_blocks(model, removed)
-    return model
+def check_ratio(ratio: float, name: str = "--ratio", or_auto: bool = False) -> None:
+    """A share of the blocks to remove lies strictly between 0 and 1 (convert's `ratio` may also be auto)."""
+    if not 0 < ratio < 1:
+        raise UsageError(f"{name} must be between 0 and 1 (exclusive){' or auto' if or_auto else ''}, got {ratio}")
+
+
+def blocks_for_ratio(ratio: float, n_blocks: int) -> int:
+    """How many of n_blocks a ratio removes: round(ratio * n_blocks), at least one."""
+    return max(1, round(ratio * n_blocks))
 
 
 def write_pruning_record(

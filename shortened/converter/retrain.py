@@ -18,8 +18,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shortened.converter.partial import freeze_for_partial, neighbour_blocks, partial_trainer_class, pruning_record
+from shortened.converter.retrain_data import (
+    Collator,
+    ExampleDataset,
+    build_examples,
+    check_local_data,
+    split_heldout,
+)
 from shortened.errors import UsageError
-from shortened.model.loading import LoadOptions
+from shortened.io import atomic_dir, check_no_overlap, check_output_dir, output_key, up_to_date, write_json
+from shortened.model.checkpoint import save_checkpoint
+from shortened.model.loading import LoadOptions, check_length, load_config, load_model
 from shortened.options import check, option
 
 log = logging.getLogger(__name__)
@@ -307,26 +317,61 @@ def retrain(
     Options are RetrainConfig fields, given as a config, as keywords, or both (keywords win). Returns the
     record also written to out/retraining.json.
     """
-    from transformers import AutoModelForCausalLM, Trainer
+    cfg = _merged_config(config, options, method=method, data=data, teacher=teacher)
+    inputs = {"model": model, "teacher": cfg.teacher, "data": cfg.data, "validation data": cfg.val_data}
+    key = output_key(inputs, _settings(model, cfg))
+    if (done := up_to_date(out, key, force)) is not None:
+        return done
+    out = check_output_dir(out, force, inputs)
+    work = checkpoints_dir(out)
+    resuming = _check_resume(model, work, cfg, inputs, force)
+    pairs, teacher_src = _partial_pairs_and_teacher(model, out, cfg)
+    if resuming:
+        _check_same_options(work, cfg)
+    check_local_data(cfg.data, cfg.data_format, cfg.text_field)
+    check_local_data(cfg.val_data, cfg.data_format, cfg.text_field)
 
-    from shortened.converter.retrain_data import Collator, ExampleDataset, build_examples, split_heldout
-    from shortened.io import atomic_dir, check_output_dir, write_json
-    from shortened.model.checkpoint import save_checkpoint
-    from shortened.model.loading import load_model
+    loaded = load_model(model, cfg.load)
+    train_ex, val_ex, data_desc = _examples(cfg, loaded.tokenizer)
+    net, lora, counts = _wrap_model(loaded.model, cfg, pairs)
+    trainer, hyper = _trainer(net, loaded.tokenizer, cfg, work, train_ex, val_ex, pairs, teacher_src, callbacks,
+                              progress)  # fmt: skip
+    run = _train(trainer, work, resuming, has_val=bool(val_ex))
+    final = _gathered_model(trainer, loaded.model.config, cfg, lora)
+    if final is None:  # not the main process
+        return {}
+    record = _record(model, cfg, teacher_src, data_desc, pairs, counts, hyper, trainer, run)
+    _write_output(out, force, inputs, key, final, loaded.tokenizer, model, record)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    if math.isnan(record["train_loss"] or 0.0):
+        log.warning("the training loss is NaN; check the learning rate and the data")
+    return record
 
+
+# ---------------------------------------------------------------------------------------------
+# retrain()'s steps, in the order it calls them
+
+
+def _merged_config(config: RetrainConfig | None, options: dict, **named) -> RetrainConfig:
+    """The config with keyword options and the named arguments (method, data, teacher) applied, validated."""
     cfg = dataclasses.replace(config or RetrainConfig(), **options)
-    for k, v in (("method", method), ("data", data), ("teacher", teacher)):
+    for k, v in named.items():
         if v is not None:
             setattr(cfg, k, v)
     cfg.validate()
-    inputs = {"model": model, "teacher": cfg.teacher, "data": cfg.data, "validation data": cfg.val_data}
-    out = check_output_dir(out, force, inputs)
-    work = checkpoints_dir(out)
-    from shortened.io import check_no_overlap
+    return cfg
 
+
+def _settings(model, cfg: RetrainConfig) -> dict:
+    """What the output depends on: the model's name and every option but how the run is driven."""
+    run_only = ("resume", "keep_checkpoints")
+    return {"model": str(model), **{k: v for k, v in cfg.to_dict().items() if k not in run_only}}
+
+
+def _check_resume(model, work: Path, cfg: RetrainConfig, inputs: dict, force: bool) -> bool:
+    """Whether the run resumes from the checkpoints in `work`; stale checkpoints go only with --force."""
     check_no_overlap(work, inputs)
-    from shortened.model.loading import check_length, load_config
-
     check_length(load_config(model, cfg.load.trust_remote_code), cfg.seq_len, "--seq-len")
     have_ckpt = work.is_dir() and any(work.glob("checkpoint-*"))
     if have_ckpt and not cfg.resume:
@@ -335,31 +380,39 @@ def retrain(
         shutil.rmtree(work, ignore_errors=True)  # every rank may try; all do before the process group starts
     if cfg.resume and not have_ckpt:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", work)
-    partial_pairs = None
-    if cfg.method == "partial":
-        from shortened.converter.partial import neighbour_blocks, pruning_record
+    return bool(cfg.resume and have_ckpt)
 
-        partial_pairs = neighbour_blocks(pruning_record(model))
+
+def _partial_pairs_and_teacher(model, out: Path, cfg: RetrainConfig):
+    """(pairs, teacher): partial's (pruned, original) block pairs, and the teacher model's source (or None)."""
+    pairs = None
+    if cfg.method == "partial":
+        pairs = neighbour_blocks(pruning_record(model))
         if cfg.partial_mse < 0:
             raise UsageError(f"--partial-mse must not be negative, got {cfg.partial_mse}")
     needs_teacher = cfg.method == "distill" or (cfg.method == "partial" and cfg.partial_mse > 0)
     teacher_src = _find_teacher(model, cfg) if needs_teacher else None
     check_no_overlap(out, {"teacher": teacher_src})
-    if cfg.resume and have_ckpt:
-        saved = work / "retrain_config.json"
-        if saved.is_file():
-            before = json.loads(saved.read_text())
-            now = json.loads(json.dumps(cfg.to_dict(), default=str))
-            diff = [k for k in now if k not in ("resume", "keep_checkpoints") and before.get(k) != now[k]]
-            if diff:
-                raise UsageError(f"--resume with different options than the interrupted run ({', '.join(diff)})")
-    from shortened.converter.retrain_data import check_local_data
+    return pairs, teacher_src
 
-    check_local_data(cfg.data, cfg.data_format, cfg.text_field)
-    check_local_data(cfg.val_data, cfg.data_format, cfg.text_field)
 
-    loaded = load_model(model, cfg.load)
-    tok, net = loaded.tokenizer, loaded.model
+def _check_same_options(work: Path, cfg: RetrainConfig) -> None:
+    """A resumed run continues the interrupted one only with the same options."""
+    saved = work / "retrain_config.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        now = _plain(cfg.to_dict())
+        diff = [k for k in now if k not in ("resume", "keep_checkpoints") and before.get(k) != now[k]]
+        if diff:
+            raise UsageError(f"--resume with different options than the interrupted run ({', '.join(diff)})")
+
+
+def _plain(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _examples(cfg: RetrainConfig, tok) -> tuple[list, list, dict]:
+    """(training examples, validation examples, data record): a held-out part of `data` unless val_data is given."""
     if cfg.add_bos and tok.bos_token_id is None:
         raise UsageError("--add-bos was given but the tokenizer has no BOS token")
     examples, data_desc = build_examples(
@@ -379,17 +432,18 @@ def retrain(
     if cfg.max_val_examples is not None:
         val_ex = val_ex[: cfg.max_val_examples]
     data_desc.update(train_examples=len(train_ex), val_examples=len(val_ex), validation=val_desc)
+    return train_ex, val_ex, data_desc
 
+
+def _wrap_model(net, cfg: RetrainConfig, pairs):
+    """(model to train, LoRA config or None, (trainable, total) parameters): LoRA adapters, or partial's frozen
+    blocks, or every weight."""
     net.train()
     if cfg.gradient_checkpointing:
         net.config.use_cache = False
+    lora = None
     if cfg.weights == "lora":
-        try:
-            import peft
-        except ImportError as e:
-            raise UsageError(
-                "LoRA retraining needs peft: pip install 'shortened[retrain]' (or pip install peft)"
-            ) from e
+        peft = _import_peft()
         from transformers import set_seed
 
         set_seed(cfg.seed)  # LoRA's A matrices are random: the same on every rank and in a one-process run
@@ -401,13 +455,26 @@ def retrain(
             task_type="CAUSAL_LM",
         )
         net = peft.get_peft_model(net, lora)
-    if partial_pairs is not None:
-        from shortened.converter.partial import freeze_for_partial
-
-        freeze_for_partial(net, [p for p, _ in partial_pairs], cfg.partial_head)
+    if pairs is not None:
+        freeze_for_partial(net, [p for p, _ in pairs], cfg.partial_head)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     log.info("training %d of %d parameters (%s)", trainable, total, cfg.method)
+    return net, lora, (trainable, total)
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as e:
+        raise UsageError("LoRA retraining needs peft: pip install 'shortened[retrain]' (or pip install peft)") from e
+    return peft
+
+
+def _trainer(net, tok, cfg: RetrainConfig, work: Path, train_ex, val_ex, pairs, teacher_src, callbacks, progress):
+    """(trainer, (lr, weight_decay, bf16)): the Trainer of the method (distill and partial's MSE against a
+    teacher); the run's options saved in `work` for a later --resume."""
+    from transformers import Trainer
 
     args, lr, wd, bf16 = _training_args(cfg, work, has_val=bool(val_ex))
     work.mkdir(parents=True, exist_ok=True)
@@ -431,10 +498,8 @@ def retrain(
             ce_weight=cfg.ce_weight,
         )  # fmt: skip
     elif cfg.method == "partial" and cfg.partial_mse > 0:
-        from shortened.converter.partial import partial_trainer_class
-
         teacher_model = load_model(teacher_src, cfg.load, tokenizer=False).model
-        trainer = partial_trainer_class()(**common, teacher=teacher_model, pairs=partial_pairs,
+        trainer = partial_trainer_class()(**common, teacher=teacher_model, pairs=pairs,
                                           mse_weight=cfg.partial_mse)  # fmt: skip
     else:
         trainer = Trainer(**common)
@@ -442,11 +507,14 @@ def retrain(
         log.warning("fsdp=%r given, but accelerate runs %s here (FSDP needs GPUs): the weights are not sharded",
                     cfg.extra_args["fsdp"], trainer.accelerator.distributed_type)  # fmt: skip
     if trainer.is_world_process_zero():
-        write_json(work / "retrain_config.json", json.loads(json.dumps(cfg.to_dict(), default=str)))
+        write_json(work / "retrain_config.json", _plain(cfg.to_dict()))
+    return trainer, (lr, wd, bf16)
 
+
+def _train(trainer, work: Path, resuming: bool, has_val: bool) -> dict:
+    """Train (from the last checkpoint when resuming); what the record needs of the run."""
     resumed_from = None
-    resuming = bool(cfg.resume and have_ckpt)
-    args.eval_on_start = bool(val_ex) and not resuming
+    trainer.args.eval_on_start = has_val and not resuming
     trainer.add_callback(_initial_val_callback(work / "initial_val_loss.json"))
     if resuming:
         from transformers.trainer_utils import get_last_checkpoint
@@ -458,12 +526,21 @@ def retrain(
     result = trainer.train(resume_from_checkpoint=resuming)
     seconds = time.time() - t0
     prev = work / "initial_val_loss.json"
-    initial_val = json.loads(prev.read_text())["loss"] if prev.is_file() else None
-    state = trainer.state
-    best_ckpt = state.best_model_checkpoint
-    best_step = int(Path(best_ckpt).name.split("-")[-1]) if best_ckpt else state.global_step
+    best_ckpt = trainer.state.best_model_checkpoint
+    return {
+        "train_loss": result.training_loss,
+        "seconds": seconds,
+        "resumed_from": resumed_from,
+        "initial_val": json.loads(prev.read_text())["loss"] if prev.is_file() else None,
+        "best_step": int(Path(best_ckpt).name.split("-")[-1]) if best_ckpt else trainer.state.global_step,
+    }
 
-    # gather the weights (FSDP / DeepSpeed shard them) and write the standard checkpoint on the main process
+
+def _gathered_model(trainer, config, cfg: RetrainConfig, lora):
+    """The trained model on the CPU, LoRA merged, gathered from the ranks where FSDP / DeepSpeed shard it;
+    None on every process but the main one."""
+    from transformers import AutoModelForCausalLM
+
     final = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # the DeepSpeed engine / FSDP module
@@ -472,17 +549,24 @@ def retrain(
                 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
                 unset_hf_deepspeed_config()
-            final = AutoModelForCausalLM.from_config(loaded.model.config)
+            final = AutoModelForCausalLM.from_config(config)
             if cfg.weights == "lora":
-                final = peft.get_peft_model(final, lora)
+                final = _import_peft().get_peft_model(final, lora)
             final.load_state_dict(state_dict)
     if not trainer.is_world_process_zero():
-        return {}
+        return None
     if cfg.weights == "lora":
         final = final.merge_and_unload()
     final = final.to("cpu").eval()
     final.config.use_cache = True
-    record = {
+    return final
+
+
+def _record(model, cfg: RetrainConfig, teacher_src, data_desc, pairs, counts, hyper, trainer, run) -> dict:
+    """retraining.json: what was trained on what, how, and the losses."""
+    trainable, total = counts
+    state = trainer.state
+    return {
         "method": cfg.method,
         "weights": cfg.weights,
         "source_model": str(model),
@@ -490,53 +574,48 @@ def retrain(
         "data": data_desc,
         "steps": state.global_step,
         "epochs": round(float(state.epoch or 0), 4),
-        "best_step": best_step,
-        "resumed_from_step": resumed_from,
+        "best_step": run["best_step"],
+        "resumed_from_step": run["resumed_from"],
         "trainable_parameters": trainable,
-        "trained_blocks": partial_pairs and [{"pruned": p, "original": o} for p, o in partial_pairs],
+        "trained_blocks": pairs and [{"pruned": p, "original": o} for p, o in pairs],
         "total_parameters": total,
-        "hyperparameters": {
-            "lr": lr,
-            "weight_decay": wd,
-            "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum,
-            "world_size": args.world_size,
-            "seq_len": cfg.seq_len,
-            "scheduler": cfg.scheduler,
-            "warmup_ratio": cfg.warmup_ratio,
-            "bf16": bf16,
-            "gradient_checkpointing": cfg.gradient_checkpointing,
-            **(
-                {
-                    "lora_rank": cfg.lora_rank,
-                    "lora_alpha": cfg.lora_alpha,
-                    "lora_dropout": cfg.lora_dropout,
-                    "lora_targets": cfg.lora_targets,
-                }
-                if cfg.weights == "lora"
-                else {}
-            ),
-            **(
-                {"temperature": cfg.temperature, "kd_weight": cfg.kd_weight, "ce_weight": cfg.ce_weight}
-                if cfg.method == "distill"
-                else {}
-            ),
-            **({"partial_head": cfg.partial_head, "partial_mse": cfg.partial_mse} if cfg.method == "partial" else {}),
-        },  # fmt: skip
-        "losses": {"initial_val": initial_val, **_losses(state.log_history)},
+        "hyperparameters": _hyperparameters(cfg, *hyper, world_size=trainer.args.world_size),
+        "losses": {"initial_val": run["initial_val"], **_losses(state.log_history)},
         "best_val_loss": state.best_metric,
-        "train_loss": result.training_loss,
-        "seconds": round(seconds, 2),
-        "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+        "train_loss": run["train_loss"],
+        "seconds": round(run["seconds"], 2),
+        "config": _plain(cfg.to_dict()),
     }
-    with atomic_dir(out, force, inputs) as tmp:
+
+
+def _hyperparameters(cfg: RetrainConfig, lr, wd, bf16, world_size) -> dict:
+    hp = {
+        "lr": lr,
+        "weight_decay": wd,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "world_size": world_size,
+        "seq_len": cfg.seq_len,
+        "scheduler": cfg.scheduler,
+        "warmup_ratio": cfg.warmup_ratio,
+        "bf16": bf16,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+    }
+    if cfg.weights == "lora":
+        hp.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                  lora_targets=cfg.lora_targets)  # fmt: skip
+    if cfg.method == "distill":
+        hp.update(temperature=cfg.temperature, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
+    if cfg.method == "partial":
+        hp.update(partial_head=cfg.partial_head, partial_mse=cfg.partial_mse)
+    return hp
+
+
+def _write_output(out: Path, force: bool, inputs: dict, key: str, final, tok, model, record: dict) -> None:
+    """The standard checkpoint, the pruned model's records (how it was made) and retraining.json, all at once."""
+    with atomic_dir(out, force, inputs, key=key, result=record) as tmp:
         save_checkpoint(final, tok, tmp)
         for extra in ("pruning.json", "scores.json", "scores.png"):  # keep how the pruned model was made
             if (Path(model) / extra).is_file():
                 shutil.copy2(Path(model) / extra, tmp / extra)
         write_json(tmp / "retraining.json", record)
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(work, ignore_errors=True)
-    if math.isnan(record["train_loss"] or 0.0):
-        log.warning("the training loss is NaN; check the learning rate and the data")
-    return record

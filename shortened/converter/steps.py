@@ -9,13 +9,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shortened.converter import surgery
-from shortened.converter.criteria import CRITERIA, DATA_DRIVEN, BlockScores, protected_blocks, score_blocks
-from shortened.converter.pruning import check_scores_match, choose_blocks, load_scores, write_pruning_record
+from shortened.converter.criteria import CRITERIA, BlockScores, check_criterion, protected_blocks, score_blocks
+from shortened.converter.pruning import (
+    blocks_for_ratio,
+    check_ratio,
+    check_scores_match,
+    choose_blocks,
+    load_scores,
+    write_pruning_record,
+)
 from shortened.converter.recovery import DEFAULT_RIDGE, ORDERS, RECOVER, RECOVER_SAMPLES, fold
 from shortened.converter.selection import SELECTIONS, check_plan, plan_removal
 from shortened.data import CalibSpec, load_calibration
 from shortened.errors import UsageError
-from shortened.io import atomic_dir, atomic_file, check_output_dir, check_output_file, fingerprint_path, write_json
+from shortened.io import (
+    atomic_dir,
+    atomic_file,
+    check_output_dir,
+    check_output_file,
+    fingerprint_path,
+    output_key,
+    up_to_date,
+    write_json,
+)
 from shortened.model.blocks import remove_blocks
 from shortened.model.checkpoint import save_checkpoint
 from shortened.model.families import num_blocks
@@ -115,15 +131,14 @@ def score(
         loaded = load_model(model, load, tokenizer=True if calib is not None else "optional")
     n = num_blocks(loaded.model.config)
     if opts.iterative and num_remove is None and ratio is not None:
-        if not 0 < ratio < 1:
-            raise UsageError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
-        num_remove = max(1, round(ratio * n))
+        check_ratio(ratio)
+        num_remove = blocks_for_ratio(ratio, n)
     batch = load_calibration(calib, loaded.tokenizer) if calib is not None else None
     result = score_blocks(loaded.model, criterion, batch, opts.protect, opts.no_protect, opts.iterative, num_remove,
                           opts.micro_batch, progress)  # fmt: skip
     result.model = model_fingerprint(loaded.source, loaded.model.config)
     if planned:
-        k = num_remove or max(1, round(ratio * n))
+        k = num_remove or blocks_for_ratio(ratio, n)
         protected = protected_blocks(n, opts.protect, opts.no_protect)
         sel = plan_removal(loaded, result, k, None, select, recover, calib, fit_spec, protected, opts.micro_batch,
                            plan.ridge, plan.recover_order, progress)  # fmt: skip
@@ -143,6 +158,54 @@ def save_scores(result: BlockScores, out: str | Path, plot: bool = True, force: 
 
         with atomic_file(out.with_suffix(".png"), force) as tmp:
             plot_block_scores(result, tmp, removed=None if not result.iterative else result.removal_order)
+
+
+def _check_prune(src, load_opts, calib, scores, remove, ratio, blocks, opts, plan):
+    """Everything prune can check before any weights are read; returns the config, the scores (read from a
+    file), the protected blocks and the checked plan (select, recover, fit_spec)."""
+    criterion, protect, no_protect = opts.criterion, opts.protect, opts.no_protect
+    config = load_config(src, load_opts.trust_remote_code)
+    if calib is not None:
+        check_length(config, calib.seq_len, "--seq-len")
+    n = num_blocks(config)
+    protected = protected_blocks(n, protect, no_protect)
+    if sum(x is not None for x in (remove, ratio, blocks)) != 1:
+        raise UsageError("say how many blocks to remove with exactly one of --remove N, --ratio R or --blocks LIST")
+    if blocks is None and scores is None and criterion is None:
+        raise UsageError("choosing blocks by count needs scores: pass --scores FILE or --criterion NAME")
+    # validate everything before any weights are read
+    if blocks is not None:
+        choose_blocks(None, n, blocks=blocks, protected=protected)
+    else:
+        candidates = [i for i in range(n) if i not in protected]
+        choose_blocks(candidates, n, remove, ratio, None, protected)  # counts, ranges, protection
+    if isinstance(scores, (str, Path)):
+        scores = load_scores(scores)
+        check_scores_match(scores, config)
+    if scores is None and blocks is None:
+        check_criterion(criterion, calib is not None, opts.iterative)
+    if calib is not None:
+        calib.validate()
+    removable = set(blocks or []) | (set(range(n)) - protected)
+    select, recover, fit_spec = check_plan(plan, calib, config, removable)
+    return config, scores, protected, select, recover, fit_spec
+
+
+def _save_pruned(out, force, inputs, key, res, src, n, removed, scores, selection, loaded, load_opts, progress):
+    """The checkpoint (by tensor surgery when `loaded` is None, else the model in memory), pruning.json and
+    the scores with their plot, in `out` once complete."""
+    by_surgery = loaded is None
+    with atomic_dir(out, force, inputs, key=key, result=res) as tmp:
+        if by_surgery:
+            surgery.cut_checkpoint(src, tmp, removed, load_opts, progress)
+        else:
+            save_checkpoint(loaded.model, loaded.tokenizer, tmp)
+        write_pruning_record(tmp, src, n, removed, scores, selection)
+        if scores is not None:
+            write_json(tmp / "scores.json", scores.to_dict())
+            from shortened.plots import plot_block_scores
+
+            plot_block_scores(scores, tmp / "scores.png", removed=removed)
 
 
 def prune(
@@ -170,46 +233,25 @@ def prune(
     windows), and folded in only where it lowers the calibration perplexity (`recover_always`: regardless).
     settings: ScoreOptions / PlanOptions fields by name (blocks=[2], no_protect=True, recover="none")."""
     opts, plan = apply([opts or ScoreOptions(), plan or PlanOptions()], settings, "prune")
-    criterion, protect, no_protect, micro_batch = opts.criterion, opts.protect, opts.no_protect, opts.micro_batch
+    key_settings = {k: v for k, v in locals().items() if k not in ("out", "force", "progress", "settings")}
+    criterion, micro_batch = opts.criterion, opts.micro_batch
     load_opts = load or LoadOptions()
     src = model
     inputs = {"model": src, "calibration": calib.source if calib is not None else None,
               "scores": scores if isinstance(scores, (str, Path)) else None}  # fmt: skip
+    recovery_calib = getattr(plan.recover_calib, "source", plan.recover_calib)
+    key = output_key({**inputs, "recovery calibration": recovery_calib}, key_settings)
+    if (done := up_to_date(out, key, force)) is not None:
+        return done
     check_output_dir(out, force, inputs)
-    config = load_config(src, load_opts.trust_remote_code)
-    if calib is not None:
-        check_length(config, calib.seq_len, "--seq-len")
+    config, scores, protected, select, recover, fit_spec = _check_prune(src, load_opts, calib, scores, remove, ratio,
+                                                                         blocks, opts, plan)  # fmt: skip
     n = num_blocks(config)
-    protected = protected_blocks(n, protect, no_protect)
-    if sum(x is not None for x in (remove, ratio, blocks)) != 1:
-        raise UsageError("say how many blocks to remove with exactly one of --remove N, --ratio R or --blocks LIST")
-    if blocks is None and scores is None and criterion is None:
-        raise UsageError("choosing blocks by count needs scores: pass --scores FILE or --criterion NAME")
-    # validate everything before any weights are read
-    if blocks is not None:
-        choose_blocks(None, n, blocks=blocks, protected=protected)
-    else:
-        candidates = [i for i in range(n) if i not in protected]
-        choose_blocks(candidates, n, remove, ratio, None, protected)  # counts, ranges, protection
-    if isinstance(scores, (str, Path)):
-        scores = load_scores(scores)
-        check_scores_match(scores, config)
-    if scores is None and blocks is None:
-        if criterion in DATA_DRIVEN and calib is None:
-            raise UsageError(f"criterion {criterion} needs calibration data; pass --calib FILE")
-        if opts.iterative and criterion not in DATA_DRIVEN:
-            raise UsageError(
-                f"iterative mode needs a data-driven criterion ({', '.join(DATA_DRIVEN)}), not {criterion}"
-            )
-    if calib is not None:
-        calib.validate()
-    removable = set(blocks or []) | (set(range(n)) - protected)
-    select, recover, fit_spec = check_plan(plan, calib, config, removable)
     planned = recover != "none" or (select != "topk" and blocks is None)
     loaded = None
     if blocks is None and scores is None:
         loaded = load_model(src, load_opts, tokenizer=True if calib is not None or planned else "optional")
-        num = remove if remove is not None else (max(1, round(ratio * n)) if ratio and 0 < ratio < 1 else None)
+        num = remove if remove is not None else (blocks_for_ratio(ratio, n) if ratio and 0 < ratio < 1 else None)
         it = opts.iterative or (planned and select in ("iterative", "best") and criterion == "ppl")  # step 1 = ppl's
         scores = score(loaded, calib, opts=dataclasses.replace(opts, iterative=it), plan=SCORE_PLAN, num_remove=num,
                        ratio=ratio, progress=progress)  # fmt: skip
@@ -235,19 +277,9 @@ def prune(
     else:
         loaded = loaded or load_model(src, load_opts, tokenizer="optional")
         remove_blocks(loaded.model, removed)
-    with atomic_dir(out, force, inputs) as tmp:
-        if by_surgery:
-            surgery.cut_checkpoint(src, tmp, removed, load_opts, progress)
-        else:
-            save_checkpoint(loaded.model, loaded.tokenizer, tmp)
-        write_pruning_record(tmp, src, n, removed, scores, selection)
-        if scores is not None:
-            write_json(tmp / "scores.json", scores.to_dict())
-            from shortened.plots import plot_block_scores
-
-            plot_block_scores(scores, tmp / "scores.png", removed=removed)
     res = {"out": str(out), "removed": removed, "num_blocks": n, "kept": n - len(removed),
            "method": "surgery" if by_surgery else "in_memory"}  # fmt: skip
     if selection is not None:
         res.update(selected_by=selection.chosen, recovery="linear" if selection.best.recovered else "none")
+    _save_pruned(out, force, inputs, key, res, src, n, removed, scores, selection, loaded, load_opts, progress)
     return res

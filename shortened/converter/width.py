@@ -224,12 +224,16 @@ def width_prune(
 
     Returns {"out", "params", "target_params", "original_params", "kv_groups", "intermediate_size"}.
     """
-    from shortened.io import atomic_dir, check_output_dir, write_json
+    from shortened.io import atomic_dir, check_output_dir, output_key, up_to_date, write_json
     from shortened.model.checkpoint import save_checkpoint
     from shortened.model.loading import Loaded, load_config, load_model
 
     src = model.source if isinstance(model, Loaded) else str(model)
+    settings = dict(model=src, target_params=target_params, kv_groups=kv_groups, multiple_of=multiple_of, load=load)
     inputs = {"model": src, "parameter-count model": target_params if isinstance(target_params, (str, Path)) else None}
+    key = None if isinstance(model, Loaded) else output_key(inputs, settings)  # a model in memory may differ
+    if (done := up_to_date(out, key, force)) is not None:
+        return done
     check_output_dir(out, force, inputs)
     target = target_params_of(target_params)
     config = model.model.config if isinstance(model, Loaded) else load_config(src)
@@ -251,7 +255,7 @@ def width_prune(
         "original_intermediate_size": g.intermediate,
     }
     log.info("width pruning %s: %s", src, rec)
-    with atomic_dir(out, force, inputs) as tmp:
+    with atomic_dir(out, force, inputs, key=key, result={"out": str(out), **rec}) as tmp:
         save_checkpoint(loaded.model, loaded.tokenizer, tmp)
         write_json(tmp / "width_pruning.json", rec)
     return {"out": str(out), **rec}

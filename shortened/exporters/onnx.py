@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import resource
 import shutil
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from shortened.errors import UsageError
 from shortened.model.families import geometry
+from shortened.versions import EXPORT_PACKAGES, versions
 
 log = logging.getLogger(__name__)
 
@@ -419,16 +419,6 @@ def _write_side_files(staging: Path, model, tokenizer, cache: bool, fused: bool 
     write_json(staging / "genai_config.json", genai_config(model.config, gen, ONNX_FILE, cache, share_buffer=fused))
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "optimum-onnx"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The entry point
 
@@ -475,21 +465,26 @@ def export_onnx(
     external_data_threshold: tensors of this many bytes (>= 1024) or more go to model.onnx.data (None: one file,
     unless the weights exceed 2 GB). load: LoadOptions for loading (its dtype is replaced by `precision`).
     """
+    settings = {k: v for k, v in locals().items() if k not in ("out", "force", "progress")}
     from tqdm import tqdm
 
-    from shortened.io import atomic_dir, check_output_dir, write_json
+    from shortened.io import atomic_dir, check_output_dir, output_key, up_to_date, write_json
     from shortened.model.loading import Loaded, LoadOptions, load_config, load_model, torch_dtype
 
     _check_args(precision, opset, exporter, optimize, external_data_threshold)
     qopts = _quant_options(precision, quant, optimize, calib)
     base = "fp32" if qopts else precision  # what is traced: quantized exports start from the fp32 graph
     source = model.source if isinstance(model, Loaded) else str(model)
+    key = None if isinstance(model, Loaded) else output_key({"model": source, "calibration": calib}, settings)
+    if (done := up_to_date(out, key, force)) is not None:
+        return done
     check_output_dir(out, force, inputs=(source,))
     if not isinstance(model, Loaded):
         load_config(str(model), (load or LoadOptions()).trust_remote_code)  # missing or unsupported: fail here
     t0 = time.perf_counter()
     if exporter == "optimum":
-        return _export_optimum(model, out, precision, opset, cache, optimize, force, external_data_threshold, t0)
+        return _export_optimum(model, out, precision, opset, cache, optimize, force, external_data_threshold, t0,
+                               key)  # fmt: skip
     bar = tqdm(total=5, desc="export onnx", file=sys.stderr, disable=not progress, leave=False)
     stage = lambda name: (bar.set_postfix_str(name), bar.update(1))  # noqa: E731
     dtype = torch_dtype(PRECISIONS[base])
@@ -516,7 +511,8 @@ def export_onnx(
     try:
         stage("trace")
         onnx_model = _trace_or_explain(torch_model, cache, opset, fused=optimize and fused_reason is None)
-        with atomic_dir(out, force, inputs=(source,)) as staging:
+        summary = {}  # filled in below; the marker keeps it for up_to_date
+        with atomic_dir(out, force, inputs=(source,), key=key, result=summary) as staging:
             info = {}
             if optimize:
                 stage("optimize")
@@ -542,8 +538,8 @@ def export_onnx(
                 )
             stage("side files")
             _write_side_files(staging, torch_model, loaded.tokenizer, cache, fused=info.get("graph") == "fused")
-            summary = _summary(staging, out, onnx_model, "torch", precision, cache, n_layers, t0, info, source)
-            write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
+            summary.update(_summary(staging, out, onnx_model, "torch", precision, cache, n_layers, t0, info, source))
+            write_json(staging / RECORD_FILE, {**summary, "versions": versions(EXPORT_PACKAGES)})
     finally:
         bar.close()
     return summary
@@ -638,7 +634,7 @@ def _summary(staging, out, onnx_model, exporter, precision, cache, n_layers, t0,
 # Optimum's exporter (optimum-onnx; needs transformers < 4.58)
 
 
-def _export_optimum(model, out, precision, opset, cache, optimize, force, threshold, t0) -> dict:
+def _export_optimum(model, out, precision, opset, cache, optimize, force, threshold, t0, key=None) -> dict:
     import onnx_ir
 
     from shortened.io import atomic_dir, write_json
@@ -657,7 +653,8 @@ def _export_optimum(model, out, precision, opset, cache, optimize, force, thresh
         raise UsageError("--optimize applies to the torch exporter; drop it with --exporter optimum")
     config = load_config(str(model))
     n_layers = cache_geometry(config)[0]
-    with atomic_dir(out, force, inputs=(str(model),)) as staging:
+    summary = {}
+    with atomic_dir(out, force, inputs=(str(model),), key=key, result=summary) as staging:
         raw = staging / "optimum"
         task = "text-generation-with-past" if cache else "text-generation"
         dtype = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
@@ -679,15 +676,9 @@ def _export_optimum(model, out, precision, opset, cache, optimize, force, thresh
         with contextlib.suppress(OSError):
             gen = GenerationConfig.from_pretrained(staging)
         write_json(staging / "genai_config.json", genai_config(cfg, gen, ONNX_FILE, cache))
-        summary = _summary(staging, out, onnx_model, "optimum", precision, cache, n_layers, t0, {}, str(model))
-        write_json(staging / RECORD_FILE, {**summary, "versions": _versions()})
+        summary.update(_summary(staging, out, onnx_model, "optimum", precision, cache, n_layers, t0, {}, str(model)))
+        write_json(staging / RECORD_FILE, {**summary, "versions": versions(EXPORT_PACKAGES)})
     return summary
 
 
-def read_record(onnx_dir) -> dict:
-    """The export.json of an export directory ({} when absent)."""
-    p = Path(onnx_dir) / RECORD_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
-__all__ = ["ONNX_FILE", "DATA_FILE", "export_onnx", "genai_config", "kv_names", "padded_batch_check", "read_record"]
+__all__ = ["ONNX_FILE", "DATA_FILE", "export_onnx", "genai_config", "kv_names", "padded_batch_check"]

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from shortened.errors import UsageError
-from shortened.io import atomic_dir, write_json
+from shortened.io import atomic_dir, check_output_dir, output_key, up_to_date, write_json
+from shortened.runtime.onnxruntime import find_onnx_model, graph_precision
 from shortened.runtime.tensorrt import (
     MIN_TENSORRT,
     require_tensorrt,
@@ -42,8 +43,6 @@ DEFAULT_SEQ = (1, 128, 2048)
 DEFAULT_WORKSPACE_GB = 4.0
 DEFAULT_TARGET = "10.15"  # the op table below is TensorRT 10.15's; used when TensorRT is absent and none is named
 PRECISIONS = {"fp32": 1, "fp16": 10, "bf16": 16}  # name -> ONNX TensorProto elem type
-_ELEM_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 6: "int32", 7: "int64", 9: "bool"}
-_ELEM_BYTES = {1: 4, 10: 2, 16: 2, 11: 8}
 MAX_OPSET = 24  # onnx-tensorrt operators.md (10.15, 11.x): opsets 9 to 24
 MIN_OPSET = 9
 
@@ -335,32 +334,6 @@ def blocked_qdq_problems(model, trt_version: str) -> list[str]:
     return sorted(problems)
 
 
-def graph_precision(model) -> dict:
-    """The float types of a graph: KV-cache inputs, logits output and the weights (by bytes)."""
-    inputs = graph_inputs(model)
-    kv = sorted({_ELEM_NAMES.get(t, str(t)) for n, (t, _) in inputs.items() if n.startswith("past_key_values.")})
-    outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    weight_bytes = {}
-    for init in model.graph.initializer:
-        if init.data_type in _ELEM_BYTES:
-            n = 1
-            for d in init.dims:
-                n *= d
-            name = _ELEM_NAMES[init.data_type]
-            weight_bytes[name] = weight_bytes.get(name, 0) + n * _ELEM_BYTES[init.data_type]
-    total = sum(weight_bytes.values()) or 1
-    weights = {k: round(v / total, 4) for k, v in sorted(weight_bytes.items(), key=lambda kv: -kv[1])}
-    dominant = next(iter(weights), None)
-    graph = kv[0] if len(kv) == 1 else dominant
-    name = {v: k for k, v in {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.items()}.get(graph)
-    return {
-        "precision": name,
-        "kv_cache": kv,
-        "logits": _ELEM_NAMES.get(outs.get("logits"), None),
-        "weights": weights,
-    }
-
-
 def _onnx_opset(model) -> int | None:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
@@ -370,18 +343,7 @@ def _onnx_opset(model) -> int | None:
 
 def resolve_onnx(onnx_dir) -> tuple[Path, dict]:
     """(model.onnx path, export.json contents or {}) of an export directory or a .onnx file."""
-    p = Path(onnx_dir)
-    if p.is_file() and p.suffix == ".onnx":
-        onnx_path = p
-    elif p.is_dir():
-        onnx_path = p / "model.onnx"
-        if not onnx_path.is_file():
-            cands = sorted(p.glob("*.onnx"))
-            if len(cands) != 1:
-                raise UsageError(f"{p} holds no model.onnx; pass the directory written by `shortened export onnx`")
-            onnx_path = cands[0]
-    else:
-        raise UsageError(f"{onnx_dir} not found; pass the directory written by `shortened export onnx`")
+    onnx_path = find_onnx_model(onnx_dir)
     meta = {}
     export_json = onnx_path.parent / "export.json"
     if export_json.is_file():
@@ -594,9 +556,13 @@ def export_tensorrt(onnx_dir, out, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precisi
     Pre-flight problems and a missing TensorRT or GPU raise UsageError (exit 2) before anything is written.
     """
     onnx_path, meta = resolve_onnx(onnx_dir)
+    key = None
     if out and not check_only:  # before the pre-flight: an output over its own input is refused first
-        from shortened.io import check_output_dir
-
+        settings = dict(onnx=str(onnx_dir), batch=batch, seq=seq, precision=precision, timing_cache=timing_cache,
+                        workspace_gb=workspace_gb, trt_version=trt_version, opt_phase=opt_phase, tf32=tf32)  # fmt: skip
+        key = output_key({"ONNX export": onnx_path.parent}, settings)  # the timing cache is a setting: it changes
+        if (done := up_to_date(out, key, force)) is not None:
+            return done
         check_output_dir(out, force, inputs={"ONNX export": onnx_path.parent})
     if not workspace_gb or workspace_gb <= 0:
         raise UsageError(f"--workspace-gb must be positive, got {workspace_gb}")
@@ -623,18 +589,13 @@ def export_tensorrt(onnx_dir, out, batch=DEFAULT_BATCH, seq=DEFAULT_SEQ, precisi
     reason = tensorrt_unavailable_reason()
     if reason:
         raise UsageError(reason)
-    with atomic_dir(out, force, inputs={"ONNX export": onnx_path.parent}) as tmp:
+    record = {}
+    with atomic_dir(out, force, inputs={"ONNX export": onnx_path.parent}, key=key, result=record) as tmp:
         built = build_engine(onnx_path, tmp / "model.engine", profile, timing_cache, workspace_gb, tf32, verbose)
         (tmp / "trtexec.sh").write_text("#!/bin/sh\n# builds the same engine as `shortened export tensorrt`\n"
                                         + " \\\n  ".join(shlex.quote(a) for a in argv) + "\n")  # fmt: skip
-        record = {
-            **result,
-            **built,
-            "batch": report["batch"],
-            "seq": report["seq"],
-            "opt_phase": opt_phase,
-            "onnx_export": meta or None,
-        }
+        record.update(result)
+        record.update(built, batch=report["batch"], seq=report["seq"], opt_phase=opt_phase, onnx_export=meta or None)
         write_json(tmp / "build.json", record)
     return record
 

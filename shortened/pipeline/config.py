@@ -108,7 +108,8 @@ class ConvertConfig:
     def validate(self) -> None:
         """Check the whole configuration before any heavy work (exit code 2 on the first problem): every field's
         type, choices and minimum (options.check, as for TOML and flags), then what needs the model's config."""
-        from shortened.converter.criteria import DATA_DRIVEN
+        from shortened.converter.criteria import DATA_DRIVEN, check_criterion
+        from shortened.converter.pruning import check_ratio
         from shortened.data import CalibSpec
         from shortened.model.loading import load_config
 
@@ -147,15 +148,14 @@ class ConvertConfig:
 
         parse_range(self.trt_batch, "trt-batch")
         parse_range(self.trt_seq, "trt-seq")
-        if self.criterion in DATA_DRIVEN and not self.blocks:  # explicit blocks need no scores
-            if not self.calib:
-                raise UsageError(f"criterion {self.criterion} needs calibration text: pass --calib FILE")
+        check_criterion(self.criterion, calibrated=bool(self.calib or self.blocks))  # explicit blocks need no scores
+        if self.criterion in DATA_DRIVEN and not self.blocks:
             CalibSpec(self.calib, self.num_samples, self.seq_len, self.seed, self.add_bos).validate()
         if self.ratio == "auto" and not self.blocks and not self.remove:
             if not self.max_ppl_ratio or not self.eval_text or not self.calib:
                 raise UsageError("ratio = auto picks k by held-out perplexity: set max_ppl_ratio, eval_text and calib")
-        elif not self.blocks and not self.remove and not 0 < self.ratio < 1:
-            raise UsageError(f"ratio must be between 0 and 1 (exclusive) or auto, got {self.ratio}")
+        elif not self.blocks and not self.remove:
+            check_ratio(self.ratio, "ratio", or_auto=True)
         from shortened.converter.selection import resolve
 
         resolve(self.select, self.recover, load_config(self.model, self.trust_remote_code), bool(self.calib))

@@ -1,4 +1,5 @@
-"""What `convert` concludes: the gates over parity, quality and speed, the summary table and report.md."""
+"""What `convert` concludes: the gates over parity, quality and speed, the summary table and report.md, all from
+the steps' results (the manifest, and the speed rows and the steps' tables beside it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from shortened.pipeline.config import ConvertConfig
 
 
-def evaluate_gates(cfg: ConvertConfig, parity: dict, quality: dict | None, work: Path) -> dict:
+def evaluate_gates(cfg: ConvertConfig, parity: dict, quality: dict | None, speed: dict | None) -> dict:
+    """parity, quality, speed: the steps' results (speed: its "rows"; None when the step did not run)."""
     gates = {
         "parity": {
             "passed": bool(parity["passed"]),
@@ -30,13 +32,11 @@ def evaluate_gates(cfg: ConvertConfig, parity: dict, quality: dict | None, work:
                 f"limit {cfg.max_ppl_ratio}",
             }
     if cfg.min_speedup:
-        path = work / "speed.json"
-        if not path.is_file():
+        if speed is None:
             gates["min_speedup"] = {"passed": False, "detail": "no speed measured: enable the speed step"}
         else:
-            rep = json.loads(path.read_text())
             # the interval's lower end must pass (the median when no interval could be formed)
-            got = {r["batch"]: _speedup_floor(r["decode_speedup"]) for r in rep["rows"] if r["model"] == "candidate"}
+            got = {r["batch"]: _speedup_floor(r["decode_speedup"]) for r in speed["rows"] if r["model"] == "candidate"}
             worst = min(got.values()) if got else 0.0
             gates["min_speedup"] = {
                 "passed": worst >= cfg.min_speedup,
@@ -53,7 +53,8 @@ def _speedup_floor(st: dict) -> float:
     return float(lo) if lo is not None and lo == lo and lo > float("-inf") else float(st.get("median") or 0.0)
 
 
-def summary_table(m: dict, out: Path) -> str:
+def summary_table(m: dict, out: Path | str, speed: dict | None = None) -> str:
+    """The summary of a manifest; speed: the speed step's result (its rows and ideal speedups)."""
     p = m["pruning"]
     lines = [
         f"\nshortened convert: {out}",
@@ -88,12 +89,11 @@ def summary_table(m: dict, out: Path) -> str:
         lines.append(f"| ONNX {prec} | {e['size_bytes'] / 1e6:.1f} MB{how} |")
     t = m.get("tensorrt") or {}
     lines.append(f"| TensorRT | {'skipped: ' + t['skipped'] if 'skipped' in t else 'built'} |")
-    if m.get("speed"):
-        rep = json.loads((out / "speed.json").read_text())
-        for r in rep["rows"]:
+    if m.get("speed") and speed:
+        for r in speed["rows"]:
             if r["model"] == "original":
                 continue
-            ideal = rep["models"][r["model"]].get("ideal_decode_speedup")
+            ideal = speed["ideal"].get(r["model"])
             sp = r["decode_speedup"]
             ci = f" [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}] {sp['verdict']}" if sp.get("ci_low") is not None else ""
             ideal = f"ideal {ideal:.3f}x" if ideal else "no FLOP ideal: weight-only quantized"
@@ -106,8 +106,8 @@ def summary_table(m: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def render_report(m: dict, work: Path) -> str:
-    """report.md: what a person reads in a minute."""
+def render_report(m: dict, res: dict) -> str:
+    """report.md: what a person reads in a minute. res: the steps' results by name (their tables)."""
     out = [
         "# shortened build report",
         "",
@@ -115,20 +115,18 @@ def render_report(m: dict, work: Path) -> str:
         f"{m['tool']['shortened']} (torch {m['tool'].get('torch')}, transformers {m['tool'].get('transformers')}).",
         "",
         "## Summary",
-        summary_table(m, work).split("\n", 2)[2],
+        summary_table(m, "", res.get("speed")).split("\n", 2)[2],
         "",
     ]
     if m["pruning"]["scores"]:
         out += ["## Block importance", "", "![block scores](scores.png)", ""]
-    if (work / "sweep" / "sweep.md").is_file():
-        out += ["## Quality against speed", "", (work / "sweep" / "sweep.md").read_text().rstrip(), "",
-                "![sweep](sweep/sweep.png)", ""]  # fmt: skip
-    for f in sorted(work.glob("parity*.txt")):
-        first = (m["config"]["precisions"] or [m["config"]["precision"]])[0]
-        prec = f.stem.split("-", 1)[1] if "-" in f.stem else first
-        out += [f"## Parity (ONNX {prec} vs PyTorch)".replace("  ", " "), "", "```", f.read_text().rstrip(), "```", ""]
-    if (work / "speed.md").is_file():
-        out += ["## Speed", "", (work / "speed.md").read_text().rstrip(), "", "![speed](speed.png)", ""]
+    if "sweep" in res:
+        out += ["## Quality against speed", "", res["sweep"]["table"].rstrip(), "", "![sweep](sweep/sweep.png)", ""]
+    for name, r in res.items():
+        if name.split("-")[0] == "parity":
+            out += [f"## Parity (ONNX {r['precision']} vs PyTorch)", "", "```", r["table"].rstrip(), "```", ""]
+    if "speed" in res:
+        out += ["## Speed", "", res["speed"]["table"].rstrip(), "", "![speed](speed.png)", ""]
     if m.get("retraining"):
         out += ["## Retraining", "", "```json", json.dumps(m["retraining"], indent=1, default=str)[:3000], "```", ""]
     out += ["## Steps", "", "| step | seconds | reused |", "| --- | --- | --- |"]

@@ -56,6 +56,39 @@ def find_onnx_model(path: str | Path) -> Path:
     return found[0]
 
 
+_ELEM_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 6: "int32", 7: "int64", 9: "bool"}
+_ELEM_BYTES = {1: 4, 10: 2, 16: 2, 11: 8}
+
+
+def graph_precision(model) -> dict:
+    """The float types of an onnx ModelProto: KV-cache inputs, logits output and the weights (shares by bytes);
+    "precision" (fp32, fp16, bf16 or None) is the KV cache's single type, else that of most weight bytes."""
+    inits = {i.name for i in model.graph.initializer}
+    kv = sorted({_ELEM_NAMES.get(t, str(t)) for v in model.graph.input
+                 if v.name.startswith("past_key_values.") and v.name not in inits
+                 for t in (v.type.tensor_type.elem_type,)})  # fmt: skip
+    outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    weight_bytes = {}
+    for init in model.graph.initializer:
+        if init.data_type in _ELEM_BYTES:
+            n = 1
+            for d in init.dims:
+                n *= d
+            name = _ELEM_NAMES[init.data_type]
+            weight_bytes[name] = weight_bytes.get(name, 0) + n * _ELEM_BYTES[init.data_type]
+    total = sum(weight_bytes.values()) or 1
+    weights = {k: round(v / total, 4) for k, v in sorted(weight_bytes.items(), key=lambda kv: -kv[1])}
+    dominant = next(iter(weights), None)
+    graph = kv[0] if len(kv) == 1 else dominant
+    name = {v: k for k, v in {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.items()}.get(graph)
+    return {
+        "precision": name,
+        "kv_cache": kv,
+        "logits": _ELEM_NAMES.get(outs.get("logits"), None),
+        "weights": weights,
+    }
+
+
 def choose_providers(provider: str | None = None) -> list[str]:
     """Execution providers to request: CUDA where present else CPU (auto), or the one asked for, CPU as fallback.
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from shortened.errors import UsageError
 from shortened.runtime.base import greedy_generate
+from shortened.runtime.onnxruntime import graph_precision
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def compare(ref, got, mask: np.ndarray, new_tokens: int) -> dict:
 
 
 def export_precision(onnx_path: Path) -> str:
-    """The precision of an export: its export.json, else the dtype holding most of the graph's weights."""
+    """The precision of an export: its export.json, else the graph's types (runtime.onnxruntime.graph_precision)."""
     meta = onnx_path.parent / "export.json"
     if meta.is_file():
         p = str(json.loads(meta.read_text()).get("precision", "")).lower()
@@ -351,12 +352,7 @@ def export_precision(onnx_path: Path) -> str:
             return p
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    sizes = {}
-    for t in model.graph.initializer:
-        sizes[t.data_type] = sizes.get(t.data_type, 0) + int(np.prod(t.dims))
-    names = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
-    return names.get(max(sizes, key=sizes.get), "fp32") if sizes else "fp32"
+    return graph_precision(onnx.load(str(onnx_path), load_external_data=False))["precision"] or "fp32"
 
 
 def _check_ints(name: str, values, minimum: int = 1) -> tuple[int, ...]:

@@ -52,8 +52,7 @@ elif point == "after-graph":
     import shortened.exporters.onnx as m
     after(m, "_save")
 elif point == "between-steps":
-    import shortened.pipeline.convert
-    m = sys.modules["shortened.pipeline.convert"]  # (the package's `convert` attribute is the function)
+    import shortened.pipeline.build as m
     orig_step = m._run_step
     def step(steps, name, *a, **k):
         if name == "onnx":

@@ -111,3 +111,36 @@ def test_example_config_sections_only_group_keys():
     cfg = make_config(load_config_file(REPO / "examples" / "smollm2.toml"))
     assert cfg.criterion == "ppl" and cfg.ratio == 0.2 and cfg.num_samples == 10 and cfg.seq_len == 128
     assert cfg.speed is True and cfg.batch_sizes == [1, 8] and cfg.width_baseline is True and cfg.optimize is True
+
+
+def _snapshot(out):
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, sha256_file(p)) for p in out.rglob("*") if p.is_file()}
+
+
+def test_convert_on_its_own_finished_output_is_up_to_date(tmp_path, capsys):
+    """Like make: the same inputs and settings again need no --force and rewrite nothing; other settings need it."""
+    model = make_tiny("llama", tmp_path / "llama2", layers=2)
+    out = tmp_path / "build"
+    args = ["convert", "--model", str(model), "--out", str(out), "--blocks", "1", "--no-protect", "--no-speed",
+            "--tensorrt", "off", "--parity-batch-sizes", "1", "--parity-new-tokens", "2", "--quiet"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    before = _snapshot(out)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "is up to date" in err and "running" not in err and "reusing" not in err, err
+    assert _snapshot(out) == before
+
+    code = main([*args, "--parity-new-tokens", "3"])  # other settings: the output is not replaced without --force
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists; pass --force" in err and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(out) == before
+
+    # a failed gate stays failed when the output is up to date (exit code 1 again, nothing run)
+    assert main([*args, "--force", "--max-ppl-ratio", "1.5"]) == 1
+    assert "[parity] reusing the finished step" in capsys.readouterr().err
+    assert main([*args, "--max-ppl-ratio", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert "is up to date" in err and "max_ppl_ratio: no perplexity measured" in err
+    (out / "parity.txt").unlink()  # a missing artifact: not up to date
+    assert main([*args, "--max-ppl-ratio", "1.5"]) == 2 and "already exists" in capsys.readouterr().err

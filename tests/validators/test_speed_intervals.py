@@ -69,16 +69,14 @@ def test_rows_carry_intervals_depth_vs_width_and_the_ideal_flag():
     assert next(r for r in rows if r["model"] == "width")["decode_speedup"]["above_ideal"] is False
 
 
-def test_min_speedup_gate_uses_the_lower_end(tmp_path):
-    import json
-
+def test_min_speedup_gate_uses_the_lower_end():
     from shortened.pipeline.config import ConvertConfig
     from shortened.pipeline.report import evaluate_gates
 
     row = {"batch": 1, "model": "candidate", "decode_speedup": {"median": 1.2, "ci_low": 1.05, "ci_high": 1.35}}
-    (tmp_path / "speed.json").write_text(json.dumps({"rows": [row]}))
+    speed = {"rows": [row]}  # the speed step's result
     cfg = ConvertConfig(min_speedup=1.1)
-    gate = evaluate_gates(cfg, {"passed": True, "failures": []}, None, tmp_path)["min_speedup"]
+    gate = evaluate_gates(cfg, {"passed": True, "failures": []}, None, speed)["min_speedup"]
     assert not gate["passed"] and gate["value"] == pytest.approx(1.05)  # the median 1.2 alone would pass
     cfg.min_speedup = 1.0
-    assert evaluate_gates(cfg, {"passed": True, "failures": []}, None, tmp_path)["min_speedup"]["passed"]
+    assert evaluate_gates(cfg, {"passed": True, "failures": []}, None, speed)["min_speedup"]["passed"]
