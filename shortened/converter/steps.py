@@ -160,6 +160,54 @@ def save_scores(result: BlockScores, out: str | Path, plot: bool = True, force: 
             plot_block_scores(result, tmp, removed=None if not result.iterative else result.removal_order)
 
 
+def _check_prune(src, load_opts, calib, scores, remove, ratio, blocks, opts, plan):
+    """Everything prune can check before any weights are read; returns the config, the scores (read from a
+    file), the protected blocks and the checked plan (select, recover, fit_spec)."""
+    criterion, protect, no_protect = opts.criterion, opts.protect, opts.no_protect
+    config = load_config(src, load_opts.trust_remote_code)
+    if calib is not None:
+        check_length(config, calib.seq_len, "--seq-len")
+    n = num_blocks(config)
+    protected = protected_blocks(n, protect, no_protect)
+    if sum(x is not None for x in (remove, ratio, blocks)) != 1:
+        raise UsageError("say how many blocks to remove with exactly one of --remove N, --ratio R or --blocks LIST")
+    if blocks is None and scores is None and criterion is None:
+        raise UsageError("choosing blocks by count needs scores: pass --scores FILE or --criterion NAME")
+    # validate everything before any weights are read
+    if blocks is not None:
+        choose_blocks(None, n, blocks=blocks, protected=protected)
+    else:
+        candidates = [i for i in range(n) if i not in protected]
+        choose_blocks(candidates, n, remove, ratio, None, protected)  # counts, ranges, protection
+    if isinstance(scores, (str, Path)):
+        scores = load_scores(scores)
+        check_scores_match(scores, config)
+    if scores is None and blocks is None:
+        check_criterion(criterion, calib is not None, opts.iterative)
+    if calib is not None:
+        calib.validate()
+    removable = set(blocks or []) | (set(range(n)) - protected)
+    select, recover, fit_spec = check_plan(plan, calib, config, removable)
+    return config, scores, protected, select, recover, fit_spec
+
+
+def _save_pruned(out, force, inputs, key, res, src, n, removed, scores, selection, loaded, load_opts, progress):
+    """The checkpoint (by tensor surgery when `loaded` is None, else the model in memory), pruning.json and
+    the scores with their plot, in `out` once complete."""
+    by_surgery = loaded is None
+    with atomic_dir(out, force, inputs, key=key, result=res) as tmp:
+        if by_surgery:
+            surgery.cut_checkpoint(src, tmp, removed, load_opts, progress)
+        else:
+            save_checkpoint(loaded.model, loaded.tokenizer, tmp)
+        write_pruning_record(tmp, src, n, removed, scores, selection)
+        if scores is not None:
+            write_json(tmp / "scores.json", scores.to_dict())
+            from shortened.plots import plot_block_scores
+
+            plot_block_scores(scores, tmp / "scores.png", removed=removed)
+
+
 def prune(
     model: str,
     out: str | Path,
@@ -186,7 +234,7 @@ def prune(
     settings: ScoreOptions / PlanOptions fields by name (blocks=[2], no_protect=True, recover="none")."""
     opts, plan = apply([opts or ScoreOptions(), plan or PlanOptions()], settings, "prune")
     key_settings = {k: v for k, v in locals().items() if k not in ("out", "force", "progress", "settings")}
-    criterion, protect, no_protect, micro_batch = opts.criterion, opts.protect, opts.no_protect, opts.micro_batch
+    criterion, micro_batch = opts.criterion, opts.micro_batch
     load_opts = load or LoadOptions()
     src = model
     inputs = {"model": src, "calibration": calib.source if calib is not None else None,
@@ -196,30 +244,9 @@ def prune(
     if (done := up_to_date(out, key, force)) is not None:
         return done
     check_output_dir(out, force, inputs)
-    config = load_config(src, load_opts.trust_remote_code)
-    if calib is not None:
-        check_length(config, calib.seq_len, "--seq-len")
+    config, scores, protected, select, recover, fit_spec = _check_prune(src, load_opts, calib, scores, remove, ratio,
+                                                                         blocks, opts, plan)  # fmt: skip
     n = num_blocks(config)
-    protected = protected_blocks(n, protect, no_protect)
-    if sum(x is not None for x in (remove, ratio, blocks)) != 1:
-        raise UsageError("say how many blocks to remove with exactly one of --remove N, --ratio R or --blocks LIST")
-    if blocks is None and scores is None and criterion is None:
-        raise UsageError("choosing blocks by count needs scores: pass --scores FILE or --criterion NAME")
-    # validate everything before any weights are read
-    if blocks is not None:
-        choose_blocks(None, n, blocks=blocks, protected=protected)
-    else:
-        candidates = [i for i in range(n) if i not in protected]
-        choose_blocks(candidates, n, remove, ratio, None, protected)  # counts, ranges, protection
-    if isinstance(scores, (str, Path)):
-        scores = load_scores(scores)
-        check_scores_match(scores, config)
-    if scores is None and blocks is None:
-        check_criterion(criterion, calib is not None, opts.iterative)
-    if calib is not None:
-        calib.validate()
-    removable = set(blocks or []) | (set(range(n)) - protected)
-    select, recover, fit_spec = check_plan(plan, calib, config, removable)
     planned = recover != "none" or (select != "topk" and blocks is None)
     loaded = None
     if blocks is None and scores is None:
@@ -254,15 +281,5 @@ def prune(
            "method": "surgery" if by_surgery else "in_memory"}  # fmt: skip
     if selection is not None:
         res.update(selected_by=selection.chosen, recovery="linear" if selection.best.recovered else "none")
-    with atomic_dir(out, force, inputs, key=key, result=res) as tmp:
-        if by_surgery:
-            surgery.cut_checkpoint(src, tmp, removed, load_opts, progress)
-        else:
-            save_checkpoint(loaded.model, loaded.tokenizer, tmp)
-        write_pruning_record(tmp, src, n, removed, scores, selection)
-        if scores is not None:
-            write_json(tmp / "scores.json", scores.to_dict())
-            from shortened.plots import plot_block_scores
-
-            plot_block_scores(scores, tmp / "scores.png", removed=removed)
+    _save_pruned(out, force, inputs, key, res, src, n, removed, scores, selection, loaded, load_opts, progress)
     return res

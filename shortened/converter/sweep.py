@@ -55,6 +55,47 @@ def pick_k(rows: list[dict], base_ppl: float, max_ppl_ratio: float) -> int:
     return max(ok, default=0)
 
 
+def _candidate_sets(m, score_cache, select: str, candidates, k_max: int, progress: bool) -> dict:
+    """{k: {name: blocks}} for k = 1..k_max; step 1 of the iterative order is the ppl criterion's top-k."""
+    it, topk = None, None
+    if select != "span":
+        full = select in ("iterative", "best")
+        it, steps, _ = iterative_order(m, score_cache, candidates, k_max if full else 1, progress)
+        topk = sorted(candidates, key=lambda i: steps[0]["scores"][i])
+        it = it if full else None
+    return {k: candidate_sets(select, k, candidates, topk, it) for k in range(1, k_max + 1)}
+
+
+def _fit_cache(m, tok, config, all_sets: dict, recover: str, fit_spec, micro_batch: int, progress: bool):
+    """The hidden states the linear maps are fitted on, at the depths any candidate set needs (None: no recovery)."""
+    if recover != "linear":
+        return None
+    for sets in all_sets.values():
+        for b in sets.values():
+            check_recoverable(config, b)
+    depths = set().union(*(fit_depths(s) for s in all_sets.values()))
+    return cache_hiddens(m, load_calibration(fit_spec, tok), micro_batch, depths=depths, progress=progress)
+
+
+def _row(m, config, k: int, sets, score_cache, fit_cache, eval_cache, base_ppl: float, select, recover, plan) -> dict:
+    """The best of k's candidate sets by calibration perplexity (after recovery), and its held-out figures."""
+    best = score_sets(m, sets, score_cache, fit_cache, recover, plan.ridge, plan.recover_order, False, select).best
+    row = {
+        "k": k,
+        "blocks": best.blocks,
+        "selected_by": best.name,
+        "calib_ppl": best.score,
+        "heldout_ppl": variant_ppl(m, eval_cache, best.blocks),
+        "recovered": best.recovered,
+        "ideal_speedup": _ideal(config, k, 0),
+        "ideal_decode_speedup_ctx128": _ideal(config, k, 128),
+    }
+    if best.recovery is not None:
+        row["heldout_ppl_recovered"] = variant_ppl(m, eval_cache, best.blocks, best.recovery.maps)
+    row["heldout_ratio"] = final_ppl(row) / base_ppl
+    return row
+
+
 def sweep(
     model,
     eval_text: str,
@@ -109,38 +150,10 @@ def sweep(
     ev = eval_batch(tok, eval_text, eval_seq_len, eval_max_windows, add_bos, config)
     eval_cache = cache_hiddens(m, ev, micro_batch, progress=progress)
     base_ppl = variant_ppl(m, eval_cache, [])
-    it, topk = None, None
-    if select != "span":  # step 1 of the iterative order is the ppl criterion
-        full = select in ("iterative", "best")
-        it, steps, _ = iterative_order(m, score_cache, candidates, k_max if full else 1, progress)
-        topk = sorted(candidates, key=lambda i: steps[0]["scores"][i])
-        it = it if full else None
-    all_sets = {k: candidate_sets(select, k, candidates, topk, it) for k in range(1, k_max + 1)}
-    fit_cache = None
-    if recover == "linear":
-        for sets in all_sets.values():
-            for b in sets.values():
-                check_recoverable(config, b)
-        depths = set().union(*(fit_depths(s) for s in all_sets.values()))
-        fit_cache = cache_hiddens(m, load_calibration(fit_spec, tok), micro_batch, depths=depths, progress=progress)
-    rows = []
-    for k in tqdm(range(1, k_max + 1), desc="sweep: k", disable=not progress):
-        sel = score_sets(m, all_sets[k], score_cache, fit_cache, recover, plan.ridge, plan.recover_order, False, select)
-        best = sel.best
-        row = {
-            "k": k,
-            "blocks": best.blocks,
-            "selected_by": best.name,
-            "calib_ppl": best.score,
-            "heldout_ppl": variant_ppl(m, eval_cache, best.blocks),
-            "recovered": best.recovered,
-            "ideal_speedup": _ideal(config, k, 0),
-            "ideal_decode_speedup_ctx128": _ideal(config, k, 128),
-        }
-        if best.recovery is not None:
-            row["heldout_ppl_recovered"] = variant_ppl(m, eval_cache, best.blocks, best.recovery.maps)
-        row["heldout_ratio"] = final_ppl(row) / base_ppl
-        rows.append(row)
+    all_sets = _candidate_sets(m, score_cache, select, candidates, k_max, progress)
+    fit_cache = _fit_cache(m, tok, config, all_sets, recover, fit_spec, micro_batch, progress)
+    rows = [_row(m, config, k, all_sets[k], score_cache, fit_cache, eval_cache, base_ppl, select, recover, plan)
+            for k in tqdm(range(1, k_max + 1), desc="sweep: k", disable=not progress)]  # fmt: skip
     res = {
         "model": str(loaded.source),
         "num_blocks": n,
