@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS
 
 from shortened.cli import main
 
@@ -568,12 +567,12 @@ def offline_hub(monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, tiny_models, tiny_onnx, tmp_path, capsys, offline_hub):
+def test_bad_input(name, tiny_models, tiny_onnx, tmp_path, capsys, offline_hub, corpus):
     fn, code, msg = CASES[name]
     for mark in getattr(fn, "pytestmark", []):
         if mark.name == "skipif" and mark.args[0]:
             pytest.skip(mark.kwargs.get("reason", ""))
-    text = CORPUS.read_text()[:4000] if CORPUS.is_file() else "the quick brown fox jumps over the lazy dog. " * 90
+    text = corpus.read_text()[:4000] if corpus.is_file() else "the quick brown fox jumps over the lazy dog. " * 90
     w = World(tmp_path, tiny_models, tiny_onnx, text)
     argv = [str(a) for a in fn(w)]
     before = tree_hashes(tmp_path)

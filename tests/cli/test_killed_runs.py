@@ -17,7 +17,6 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_tiny
 
 from shortened.cli import main
 
@@ -72,13 +71,13 @@ def _convert_args(model, out):
 
 
 @pytest.fixture(scope="module")
-def tiny2(tmp_path_factory):
+def tiny2(tmp_path_factory, make_tiny):
     """A 2-block llama: every run here traces or exports it, and fewer blocks export faster."""
     return make_tiny("llama", tmp_path_factory.mktemp("killed-model") / "llama2", layers=2)
 
 
 @pytest.fixture(scope="module")
-def killed(tiny2, tmp_path_factory):
+def killed(tiny2, tmp_path_factory, repo):
     """Start every run, wait until each reaches its pause point, kill it; {name: (dir, target, returncode, err)}."""
     src = tiny2
     runs = {
@@ -89,7 +88,7 @@ def killed(tiny2, tmp_path_factory):
         "convert-kill": ("between-steps", lambda o: _convert_args(src, o), "build"),
         "convert-sigint": ("between-steps", lambda o: _convert_args(src, o), "build"),
     }  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     procs = {}
     for name, (point, argv, target) in runs.items():
         d = tmp_path_factory.mktemp(name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import CORPUS
 from safetensors.torch import load_file
 
 from shortened.converter.partial import neighbour_blocks
@@ -20,9 +19,9 @@ def test_neighbour_blocks():
     assert neighbour_blocks(rec) == [(1, 1), (2, 4), (4, 6), (5, 8)]
 
 
-def test_partial_trains_only_the_neighbours(tiny_models, tmp_path):
+def test_partial_trains_only_the_neighbours(tiny_models, tmp_path, corpus):
     text = tmp_path / "train.txt"
-    text.write_text(CORPUS.read_text()[:4000] if CORPUS.is_file() else "the quick brown fox jumps. " * 150)
+    text.write_text(corpus.read_text()[:4000] if corpus.is_file() else "the quick brown fox jumps. " * 150)
     pruned = tmp_path / "pruned"
     prune(str(tiny_models["llama"]), pruned, blocks=[2, 3], protect=[0], progress=False)  # kept 0 1 4 5
     out = tmp_path / "partial"

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from conftest import CORPUS, SHARED
 from safetensors import safe_open
 
 from shortened.cli import main
@@ -20,9 +19,9 @@ FAST = dict(seq_len=32, batch_size=4, eval_steps=2, logging_steps=1, max_val_exa
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
+def text_file(tmp_path_factory, corpus):
     p = tmp_path_factory.mktemp("retrain") / "train.txt"
-    body = CORPUS.read_text()[:4000] if CORPUS.is_file() else "the quick brown fox jumps over the lazy dog. " * 90
+    body = corpus.read_text()[:4000] if corpus.is_file() else "the quick brown fox jumps over the lazy dog. " * 90
     p.write_text(body)
     return p
 
@@ -227,11 +226,11 @@ def test_retrain_cli(tiny_models, text_file, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_smollm2_pruned_retrained_lowers_perplexity(smollm2, tmp_path):
+def test_smollm2_pruned_retrained_lowers_perplexity(smollm2, tmp_path, shared_data):
     from shortened.converter.steps import prune
     from shortened.validators.quality import perplexity
 
-    valid, test = SHARED / "wikitext2" / "valid.tokens.txt", SHARED / "wikitext2" / "test.raw.txt"
+    valid, test = shared_data / "wikitext2" / "valid.tokens.txt", shared_data / "wikitext2" / "test.raw.txt"
     if not (valid.is_file() and test.is_file()):
         pytest.skip("../shared/data/wikitext2 is not here")
     pruned, out = tmp_path / "pruned", tmp_path / "retrained"

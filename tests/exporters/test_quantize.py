@@ -19,10 +19,8 @@ PARITY = dict(batch_sizes=(1, 2), seq_lens=(12,), new_tokens=6, progress=False)
 
 
 @pytest.fixture(scope="module")
-def small_models(tmp_path_factory):
+def small_models(tmp_path_factory, make_tiny):
     """2-block random models (the tracing time grows with the blocks; 2 are enough to quantize and compare)."""
-    from conftest import make_tiny
-
     root = tmp_path_factory.mktemp("q-models")
     return {fam: make_tiny(fam, root / fam, layers=2) for fam in FAMILY_GRAPHS}
 
@@ -92,11 +90,10 @@ def test_export_int4_cli_and_a_wrongly_quantized_weight_fails_parity(small_model
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_tied_embedding_is_gathered_from_the_quantized_head(tmp_path):
+def test_tied_embedding_is_gathered_from_the_quantized_head(tmp_path, char_tokenizer, tiny_config):
     """A tied model (SmolLM2's layout): the embedding reads the head's int4/int8 table (GatherBlockQuantized), no fp32
     table is left, symmetric and asymmetric, and the export still matches fp32 PyTorch within the defaults."""
     import torch
-    from conftest import char_tokenizer, tiny_config
     from transformers import AutoModelForCausalLM
 
     from shortened.exporters.onnx import export_onnx
@@ -197,10 +194,9 @@ def test_gptq_is_calibrated_on_the_calibration_set(small_models, fp32_exports, c
     assert np.isfinite(q["seconds"])
 
 
-def test_convert_with_fp32_and_int4_gives_each_its_rows(tmp_path, calib_file, capsys):
+def test_convert_with_fp32_and_int4_gives_each_its_rows(tmp_path, calib_file, capsys, make_tiny):
     """`precisions = ["fp32", "int4"]`: both exported (int4 from the fp32 export), each with its parity, quality
     (through onnxruntime) and speed rows; --max-ppl-ratio gates the deployed (last) artifact."""
-    from conftest import make_tiny
 
     src = make_tiny("llama", tmp_path / "m", layers=4)
     args = ["convert", "--model", str(src), "--out", str(tmp_path / "b"), "--calib", str(calib_file), "--seq-len",

@@ -5,23 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CORPUS, WIKITEXT, make_tiny
 
 from shortened.cli import main
 from shortened.io import sha256_file
 
 
 @pytest.fixture(scope="module")
-def tiny8(tmp_path_factory):
+def tiny8(tmp_path_factory, make_tiny):
     return make_tiny("llama", tmp_path_factory.mktemp("convert") / "llama8", layers=8)
 
 
 @pytest.fixture(scope="module")
-def texts(tmp_path_factory):
+def texts(tmp_path_factory, corpus, wikitext):
     d = tmp_path_factory.mktemp("texts")
     calib, evalt = d / "calib.txt", d / "eval.txt"
-    calib.write_text(CORPUS.read_text()[:20000] if CORPUS.is_file() else "the quick brown fox. " * 1000)
-    evalt.write_text(WIKITEXT.read_text()[:20000] if WIKITEXT.is_file() else "a lazy dog sleeps. " * 1000)
+    calib.write_text(corpus.read_text()[:20000] if corpus.is_file() else "the quick brown fox. " * 1000)
+    evalt.write_text(wikitext.read_text()[:20000] if wikitext.is_file() else "a lazy dog sleeps. " * 1000)
     return calib, evalt
 
 
@@ -103,12 +102,10 @@ def test_invalid_config_fails_before_any_work(tiny8, texts, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".o.partial*"))
 
 
-def test_example_config_sections_only_group_keys():
-    from conftest import REPO
-
+def test_example_config_sections_only_group_keys(repo):
     from shortened.pipeline import load_config_file, make_config
 
-    cfg = make_config(load_config_file(REPO / "examples" / "smollm2.toml"))
+    cfg = make_config(load_config_file(repo / "examples" / "smollm2.toml"))
     assert cfg.criterion == "ppl" and cfg.ratio == 0.2 and cfg.num_samples == 10 and cfg.seq_len == 128
     assert cfg.speed is True and cfg.batch_sizes == [1, 8] and cfg.width_baseline is True and cfg.optimize is True
 
@@ -117,7 +114,7 @@ def _snapshot(out):
     return {str(p.relative_to(out)): (p.stat().st_mtime_ns, sha256_file(p)) for p in out.rglob("*") if p.is_file()}
 
 
-def test_convert_on_its_own_finished_output_is_up_to_date(tmp_path, capsys):
+def test_convert_on_its_own_finished_output_is_up_to_date(tmp_path, capsys, make_tiny):
     """Like make: the same inputs and settings again need no --force and rewrite nothing; other settings need it."""
     model = make_tiny("llama", tmp_path / "llama2", layers=2)
     out = tmp_path / "build"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from conftest import CORPUS, WIKITEXT, make_tiny
-
 from shortened.cli import main
 from shortened.validators.quality import overlap_notes
 
@@ -29,11 +27,11 @@ def test_overlap_notes(tmp_path):
     assert overlap_notes(str(other), {"calibration": str(calib), "retraining": ""}) == []
 
 
-def test_convert_ratio_auto_with_recovery(tmp_path, capsys):
+def test_convert_ratio_auto_with_recovery(tmp_path, capsys, make_tiny, corpus, wikitext):
     model = make_tiny("llama", tmp_path / "llama8", layers=8)
     calib, evalt = tmp_path / "calib.txt", tmp_path / "eval.txt"
-    calib.write_text(CORPUS.read_text()[:20000] if CORPUS.is_file() else "the quick brown fox. " * 1000)
-    evalt.write_text(WIKITEXT.read_text()[:20000] if WIKITEXT.is_file() else "a lazy dog sleeps. " * 1000)
+    calib.write_text(corpus.read_text()[:20000] if corpus.is_file() else "the quick brown fox. " * 1000)
+    evalt.write_text(wikitext.read_text()[:20000] if wikitext.is_file() else "a lazy dog sleeps. " * 1000)
     out = tmp_path / "build"
     args = [
         "convert", "--model", str(model), "--out", str(out), "--calib", str(calib), "--seq-len", "32",

@@ -114,8 +114,7 @@ def test_cases_are_left_padded_real_text_and_random():
     assert make_cases((2,), (4,), 50, 0, None)[0].source == "random"  # no text: random ids only
 
 
-def test_prompt_text_errors(tmp_path):
-    from conftest import char_tokenizer
+def test_prompt_text_errors(tmp_path, char_tokenizer):
 
     tok = char_tokenizer()
     with pytest.raises(UsageError, match="not found"):
