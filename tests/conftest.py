@@ -49,6 +49,25 @@ def shared_data() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def genai_greedy():
+    """genai_greedy(export_dir, prompt, n): onnxruntime-genai's greedy sequence (prompt + n tokens) of an export;
+    skips where onnxruntime-genai is not installed."""
+    og = pytest.importorskip("onnxruntime_genai")
+
+    def run(export_dir, prompt: list[int], n: int) -> list[int]:
+        model = og.Model(str(export_dir))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return list(gen.get_sequence(0))
+
+    return run
+
+
 @pytest.fixture(scope="session", name="tiny_config")
 def _tiny_config_fixture():
     """tiny_config(model_type, layers=6, vocab=256): a small config of a family."""

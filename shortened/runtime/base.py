@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-class Runner(ABC):
-    """One loaded model. Use it as a context manager (`with load_x(...) as r:`) so that close() runs on error too.
+class Held:
+    """What every loaded model has, whatever runs it: a name, whether it keeps a KV cache, how many decoder blocks
+    the artifact holds (None where it does not say), what executes it, and close() — run on error too when the
+    model is used as a context manager (`with load_x(...) as r:`)."""
 
-    has_cache: whether step() takes and returns a KV cache (an export without one recomputes the whole sequence);
-    num_layers: the decoder blocks the artifact holds (None where the artifact does not say)."""
-
-    name: str = "runner"
+    name: str = "model"
     has_cache: bool = True
     num_layers: int | None = None
 
@@ -30,16 +29,24 @@ class Runner(ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @abstractmethod
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache=None):
-        """Run the new tokens [B, S] given the full mask [B, past + S]; return (logits [B, S, V], cache)."""
-
     def providers(self) -> list[str]:
         """What actually executes the model (e.g. session.get_providers()), not what was requested."""
         return [self.name]
 
-    def close(self) -> None:  # noqa: B027 - optional: most runners hold nothing that needs releasing
+    def close(self) -> None:  # noqa: B027 - optional: most hold nothing that needs releasing
         """Release sessions or device memory."""
+
+
+class Runner(Held, ABC):
+    """One loaded model run one step at a time by our loop (greedy_generate).
+
+    has_cache: whether step() takes and returns a KV cache (an export without one recomputes the whole sequence)."""
+
+    name: str = "runner"
+
+    @abstractmethod
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache=None):
+        """Run the new tokens [B, S] given the full mask [B, past + S]; return (logits [B, S, V], cache)."""
 
 
 def position_ids_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -98,7 +105,7 @@ class Timing:
     tokens: list  # the greedy tokens of the first row
 
 
-class TimedGenerator(ABC):
+class TimedGenerator(Held, ABC):
     """A model behind a library's own generation loop (Hugging Face `generate`, onnxruntime-genai's Generator):
     generate n tokens greedily, timed at every token. Use it as a context manager, like a Runner.
 
@@ -108,24 +115,10 @@ class TimedGenerator(ABC):
     OrtRunner already do that)."""
 
     name: str = "generator"
-    has_cache: bool = True
-    num_layers: int | None = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @abstractmethod
     def generate(self, input_ids: np.ndarray, new_tokens: int) -> Timing:
         """Greedy decoding of `new_tokens` after the prompt [B, S] (no padding), timed at every token."""
-
-    def providers(self) -> list[str]:
-        return [self.name]
-
-    def close(self) -> None:  # noqa: B027 - optional: most hold nothing that needs releasing
-        """Release sessions or device memory."""
 
 
 def timed_generate(model: Runner | TimedGenerator, input_ids: np.ndarray, new_tokens: int) -> Timing:

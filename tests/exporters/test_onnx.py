@@ -331,10 +331,9 @@ def test_bf16_export_writes_bf16_weights(exported):
 
 
 @pytest.mark.parametrize("optimize", [False, True])
-def test_genai_generates_pytorch_tokens(exported, optimize):
+def test_genai_generates_pytorch_tokens(exported, optimize, genai_greedy):
     """onnxruntime-genai runs our exports: the generic graph with a growing cache, the fused one with its cache
     updated in place (past_present_share_buffer, as genai's own models)."""
-    og = pytest.importorskip("onnxruntime_genai")
     from transformers import AutoModelForCausalLM
 
     src, out, _ = exported("llama", 2, optimize=optimize)
@@ -344,14 +343,7 @@ def test_genai_generates_pytorch_tokens(exported, optimize):
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    genai_model = og.Model(str(out))
-    params = og.GeneratorParams(genai_model)
-    params.set_search_options(max_length=len(prompt) + 8, min_length=len(prompt) + 8, do_sample=False)
-    gen = og.Generator(genai_model, params)
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
-    assert list(gen.get_sequence(0)) == ref[0].tolist()
+    assert genai_greedy(out, prompt, 8) == ref[0].tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,10 +224,9 @@ def test_convert_with_fp32_and_int4_gives_each_its_rows(tmp_path, calib_file, ca
     assert "onnx int4 / original" in capsys.readouterr().err
 
 
-def test_genai_runs_the_int4_export(small_models, fp32_exports, tmp_path):
+def test_genai_runs_the_int4_export(small_models, fp32_exports, tmp_path, genai_greedy):
     """genai_config.json stays right: onnxruntime-genai generates from our int4 export the tokens our own
     onnxruntime loop generates from it (the same artifact in two runtimes)."""
-    og = pytest.importorskip("onnxruntime_genai")
     from shortened.exporters.quantize import quantize_export
     from shortened.runtime.base import greedy_generate
     from shortened.runtime.onnxruntime import load_ort_runner
@@ -236,14 +235,7 @@ def test_genai_runs_the_int4_export(small_models, fp32_exports, tmp_path):
     quantize_export(fp32_exports["llama"], out, "int4")
     prompt = [5, 9, 17, 33, 65]
     ours = greedy_generate(load_ort_runner(out), np.array([prompt]), np.ones((1, 5), np.int64), 8).tokens[0]
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 8, min_length=len(prompt) + 8, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
-    assert list(gen.get_sequence(0))[len(prompt) :] == ours.tolist()
+    assert genai_greedy(out, prompt, 8)[len(prompt) :] == ours.tolist()
 
 
 def test_hqq_uint8_zero_points_are_exactly_its_float_ones(fp32_exports, tmp_path):
