@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from shortened.errors import UsageError
-from shortened.io import hub_reachable
+from shortened.io import hub_reachable, read_jsonl, read_text_file, sha256_file
 
 
 @dataclass
@@ -33,11 +33,7 @@ class CalibSpec:
         if not self.source.startswith("hf:") and not Path(self.source).is_file():
             raise UsageError(f"calibration file {self.source} not found; pass a .txt or .jsonl file or hf:DATASET")
         if self.source.startswith("hf:"):
-            from shortened.io import hub_reachable
-
             if not hub_reachable():  # only a cached copy can serve: fail now (one line) when there is none
-                from shortened.data import load_hf_dataset
-
                 name, _, config = self.source[3:].partition(":")
                 load_hf_dataset(name, config or None, self.split)
         else:
@@ -57,11 +53,8 @@ class CalibBatch:
 
 def _read_texts(spec: CalibSpec) -> tuple[list[str], bool, dict]:
     """Return (texts, one_sample_per_text, provenance)."""
-    from shortened.io import read_jsonl, read_text_file, sha256_file
 
     if spec.source.startswith("hf:"):
-        from shortened.data import load_hf_dataset
-
         name, _, config = spec.source[3:].partition(":")
         ds = load_hf_dataset(name, config or None, spec.split)
         if spec.text_field not in ds.column_names:
@@ -150,14 +143,12 @@ NAMED_SOURCES = {
 
 def read_text(source: str) -> str:
     """A local text file, or a named source (wikitext2, ptb) through Hugging Face datasets."""
-    from shortened.io import read_text_file
 
     p = Path(source)
     if p.is_file():
         return read_text_file(p)
     if source in NAMED_SOURCES:
         check_named_source(source)
-        from shortened.data import load_hf_dataset
 
         name, config, split, field = NAMED_SOURCES[source]
         ds = load_hf_dataset(name, config, split)  # one line on any trouble (offline: a cached copy only)
@@ -167,11 +158,8 @@ def read_text(source: str) -> str:
 
 def check_named_source(source: str) -> None:
     """A named source comes from the hub: refuse at once (not after the hub client's retries) when unreachable."""
-    from shortened.io import hub_reachable
 
     if source in NAMED_SOURCES and not hub_reachable():
-        from shortened.data import load_hf_dataset
-
         name, config, split, _ = NAMED_SOURCES[source]
         try:
             load_hf_dataset(name, config, split)  # a cached copy serves offline

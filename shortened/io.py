@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from shortened import __version__
 from shortened.errors import UsageError
 
 MARKER = ".shortened-output.json"  # inside every output directory this tool completed
@@ -248,7 +249,6 @@ def atomic_dir(out: str | os.PathLike, force: bool = False, inputs=(), key: str 
 
 
 def write_marker(directory: str | os.PathLike, key: str | None = None, result: dict | None = None) -> None:
-    from shortened import __version__
 
     rec = {"tool": f"shortened {__version__}", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if key is not None:
@@ -259,7 +259,6 @@ def write_marker(directory: str | os.PathLike, key: str | None = None, result: d
 def output_key(inputs, settings: dict) -> str:
     """What an output is made from, as one sha256: the inputs' fingerprints (fingerprint_path; a hub id or an
     hf: source by its name), the settings (JSON, keys sorted) and this tool's version. Same key, same output."""
-    from shortened import __version__
 
     items = inputs.items() if isinstance(inputs, dict) else (("input", p) for p in inputs)
     prints = {}
@@ -298,7 +297,6 @@ def up_to_date(out: str | os.PathLike, key: str | None, force: bool = False) -> 
 def atomic_file(out: str | os.PathLike, force: bool = False, inputs=()):
     """Yield a temporary path next to `out`; it becomes `out` when the block finishes, with a record beside it
     (`.NAME.shortened.json`: the sha256) that lets a later --force recognise it as this tool's output."""
-    from shortened import __version__
 
     out = check_output(out, force, inputs, kind="file")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from shortened.converter import offload
+from shortened.converter.forward import capture_block_inputs, device_of, micro_batches, nll_sum, run_block, tail_logits
+from shortened.converter.recovery import cache_hiddens
+from shortened.converter.selection import iterative_order
 from shortened.errors import UsageError
-from shortened.model.families import blocks_of, family_for, get_path
+from shortened.model.blocks import remove_blocks
+from shortened.model.families import blocks_of
 
 CRITERIA = ("ppl", "taylor", "magnitude", "bi")
 DATA_DRIVEN = ("ppl", "taylor", "bi")
@@ -61,75 +66,6 @@ class BlockScores:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared machinery: the inputs each block sees in the full model, and the model's tail.
-
-
-def _device_of(model):
-    return next(model.parameters()).device
-
-
-def _micro_batches(batch, size: int):
-    n = batch.input_ids.shape[0]
-    for s in range(0, n, size):
-        yield batch.input_ids[s : s + size], batch.attention_mask[s : s + size]
-
-
-@torch.no_grad()
-def capture_block_inputs(model, input_ids, attention_mask):
-    """Run the full model once; return the hidden states entering each block (plus the last block's
-    output) and the exact positional/keyword arguments each block was called with."""
-    blocks = blocks_of(model)
-    hiddens, calls = [], []
-
-    def pre_hook(module, args, kwargs):
-        if args:
-            hiddens.append(args[0])
-            calls.append((args[1:], kwargs))
-        else:
-            kw = dict(kwargs)
-            hiddens.append(kw.pop("hidden_states"))
-            calls.append(((), kw))
-
-    def last_hook(module, args, kwargs, output):
-        hiddens.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in blocks]
-    handles.append(blocks[-1].register_forward_hook(last_hook, with_kwargs=True))
-    try:
-        dev = _device_of(model)
-        model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return hiddens, calls
-
-
-def run_block(block, hidden, call):
-    args, kwargs = call
-    out = block(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def tail_logits(model, hidden):
-    """Final norm, output head, and logit soft-capping where the config asks for it (Gemma 2)."""
-    h = get_path(model, family_for(model.config).final_norm)(hidden)
-    logits = model.lm_head(h)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def nll_sum(logits, input_ids, attention_mask) -> tuple[float, int]:
-    """Sum of next-token NLL over real (unpadded) positions, and their count."""
-    logits = logits[:, :-1].float()
-    labels = input_ids[:, 1:].to(logits.device)
-    valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(logits.device).bool()
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    return float(nll[valid.reshape(-1)].double().sum()), int(valid.sum())
-
-
 def _ppl(total: float, count: int) -> float:
     return math.exp(total / count)
 
@@ -150,7 +86,7 @@ def ppl_scores(model, batch, candidates, micro_batch: int = 10, progress: bool =
     base_total, count = 0.0, 0
     steps = len(candidates) * math.ceil(batch.input_ids.shape[0] / micro_batch)
     bar = tqdm(total=steps, desc="ppl: blocks", disable=not progress, leave=False)
-    for ids, mask in _micro_batches(batch, micro_batch):
+    for ids, mask in micro_batches(batch, micro_batch):
         hiddens, calls = capture_block_inputs(model, ids, mask)
         s, c = nll_sum(tail_logits(model, hiddens[-1]), ids, mask)
         base_total += s
@@ -171,12 +107,12 @@ def ppl_scores_naive(model, batch, candidates, micro_batch: int = 10, progress: 
     """The slow reference: a full forward pass per candidate with that block made an identity."""
     blocks = blocks_of(model)
     out = {}
-    dev = _device_of(model)
+    dev = device_of(model)
     for i in tqdm(candidates, desc="ppl (naive): blocks", disable=not progress, leave=False):
         handle = blocks[i].register_forward_hook(_identity_hook, with_kwargs=True)
         total, count = 0.0, 0
         try:
-            for ids, mask in _micro_batches(batch, micro_batch):
+            for ids, mask in micro_batches(batch, micro_batch):
                 logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
                 s, c = nll_sum(logits, ids, mask)
                 total, count = total + s, count + c
@@ -200,10 +136,10 @@ def taylor_scores(model, batch, micro_batch: int = 2, progress: bool = True):
         p.requires_grad_(id(p) in block_params)  # no gradient memory for embeddings and head
         p.grad = None
     total_tokens = int((batch.attention_mask[:, :-1] * batch.attention_mask[:, 1:]).sum())
-    dev = _device_of(model)
+    dev = device_of(model)
     try:
         for ids, mask in tqdm(
-            list(_micro_batches(batch, micro_batch)), desc="taylor: micro-batches", disable=not progress, leave=False
+            list(micro_batches(batch, micro_batch)), desc="taylor: micro-batches", disable=not progress, leave=False
         ):
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
             logits = logits[:, :-1].float()
@@ -234,7 +170,7 @@ def bi_scores(model, batch, micro_batch: int = 10, progress: bool = True):
     n_blocks = len(blocks_of(model))
     sums = torch.zeros(n_blocks, dtype=torch.float64)
     count = 0
-    for ids, mask in _micro_batches(batch, micro_batch):
+    for ids, mask in micro_batches(batch, micro_batch):
         hiddens, _ = capture_block_inputs(model, ids, mask)
         valid = mask.to(hiddens[0].device).bool()
         for i in range(n_blocks):
@@ -251,9 +187,6 @@ def _score_current(model, criterion, batch, candidates, micro_batch, progress):
     if criterion == "ppl":
         d, base = ppl_scores(model, batch, candidates, micro_batch, progress)
         return [d.get(i) for i in range(n)], base
-    from shortened.converter import (
-        offload,  # weights offloaded by accelerate (--max-memory): gradients need them loaded for real
-    )
 
     if criterion == "taylor":
         taylor = offload.taylor_scores_offloaded if offload.is_offloaded(model) else taylor_scores
@@ -289,7 +222,6 @@ def score_blocks(
 ) -> BlockScores:
     """Score every block of `model`. Iterative mode modifies a copy of the model, never `model` itself; with the
     ppl criterion it reuses cached passes (selection.iterative_order; `reuse=False`: rescore from scratch)."""
-    from shortened.model.blocks import remove_blocks
 
     check_criterion(criterion, batch is not None, iterative)
     n = len(blocks_of(model))
@@ -311,9 +243,6 @@ def score_blocks(
     if num_remove > len(candidates):
         raise UsageError(f"cannot remove {num_remove} blocks: only {len(candidates)} are not protected")
     if criterion == "ppl" and reuse:
-        from shortened.converter.recovery import cache_hiddens
-        from shortened.converter.selection import iterative_order
-
         cache = cache_hiddens(model, batch, micro_batch)
         order, steps, base0 = iterative_order(model, cache, candidates, num_remove, progress)
         first = [steps[0]["scores"].get(i) for i in range(n)]

@@ -16,7 +16,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from shortened.converter.criteria import _micro_batches, capture_block_inputs, run_block, tail_logits
+from shortened.converter.forward import capture_block_inputs, micro_batches, run_block, tail_logits
 from shortened.model.families import blocks_of
 
 
@@ -47,7 +47,7 @@ def taylor_scores_offloaded(model, batch, micro_batch: int = 2, progress: bool =
     blocks = blocks_of(model)
     total_tokens = int((batch.attention_mask[:, :-1] * batch.attention_mask[:, 1:]).sum())
     saved, grads = [], []
-    for ids, mask in _micro_batches(batch, micro_batch):
+    for ids, mask in micro_batches(batch, micro_batch):
         hiddens, calls = capture_block_inputs(model, ids, mask)
         h = hiddens[-1].detach().requires_grad_()
         with torch.enable_grad():

@@ -6,7 +6,10 @@ import json
 import logging
 from pathlib import Path
 
+from shortened import __version__
+from shortened.converter.criteria import BlockScores
 from shortened.errors import UsageError
+from shortened.io import write_json
 from shortened.model.families import num_blocks
 
 log = logging.getLogger(__name__)
@@ -66,8 +69,6 @@ def blocks_for_ratio(ratio: float, n_blocks: int) -> int:
 def write_pruning_record(
     out_dir: Path, source: str, n_blocks: int, removed: list[int], scores=None, selection=None
 ) -> None:
-    from shortened import __version__
-    from shortened.io import write_json
 
     rec = {
         "tool": f"shortened {__version__}",
@@ -89,7 +90,6 @@ def write_pruning_record(
 
 
 def load_scores(path) -> BlockScores:  # noqa: F821
-    from shortened.converter.criteria import BlockScores
 
     p = Path(path)
     if not p.is_file():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from shortened.converter.criteria import _micro_batches, nll_sum, run_block, tail_logits
+from shortened.converter.forward import micro_batches, nll_sum, run_block, tail_logits
 from shortened.errors import UsageError
 from shortened.model.families import blocks_of, family_for, get_path
 
@@ -90,7 +90,7 @@ def cache_hiddens(model, batch, micro_batch: int = 10, depths=None, progress: bo
     base = get_path(model, family_for(model.config).blocks.rpartition(".")[0])  # the decoder without its head
     dev = next(model.parameters()).device
     out = HiddenCache([], [], [], [], n)
-    chunks = list(_micro_batches(batch, micro_batch))
+    chunks = list(micro_batches(batch, micro_batch))
     for ids, mask in tqdm(chunks, desc="recovery: caching hidden states", disable=not progress, leave=False):
         hid, calls = {}, [None] * n
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from shortened.converter.partial import freeze_for_partial, neighbour_blocks, partial_trainer_class, pruning_record
 from shortened.converter.retrain_data import (
+    IGNORE,
     Collator,
     ExampleDataset,
     build_examples,
@@ -145,8 +146,6 @@ def distill_loss(student_logits, teacher_logits, labels, temperature=2.0, kd_wei
     mean over the positions that have a label), plus ce_weight * cross-entropy on the labels."""
     import torch.nn.functional as F
 
-    from shortened.converter.retrain_data import IGNORE
-
     y = labels[:, 1:]
     keep = y != IGNORE
     s = student_logits[:, :-1][keep].float()
@@ -212,8 +211,6 @@ def _final_step_callback():
 
 def _initial_val_callback(path: Path):
     from transformers import TrainerCallback
-
-    from shortened.io import write_json
 
     class KeepInitialValLoss(TrainerCallback):
         """The validation loss before training (eval_on_start), kept on disk so that a resumed run reports it.

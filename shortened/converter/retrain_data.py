@@ -10,7 +10,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from shortened.data import load_hf_dataset
 from shortened.errors import UsageError
+from shortened.io import read_jsonl, read_text_file, sha256_file
 
 IGNORE = -100  # label value the loss skips (the Hugging Face convention)
 FORMATS = ("auto", "text", "alpaca")
@@ -29,7 +31,6 @@ ALPACA_PROMPT_NO_INPUT = (
 
 def read_records(source: str, split: str = "train", text_field: str = "text") -> tuple[list, dict]:
     """(records, provenance): records are strings (plain text) or dicts (JSONL rows / dataset rows)."""
-    from shortened.io import read_jsonl, read_text_file, sha256_file
 
     path = Path(source)
     if path.is_file():
@@ -41,7 +42,6 @@ def read_records(source: str, split: str = "train", text_field: str = "text") ->
     looks_local = source.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json")
     if looks_local and not source.startswith("hf:"):
         raise UsageError(f"data file {source} not found; pass a .txt or .jsonl file or a dataset name (hf:NAME)")
-    from shortened.data import load_hf_dataset
 
     name, _, config = source.removeprefix("hf:").partition(":")
     ds = load_hf_dataset(name, config or None, split)  # offline: a cached copy or one line

@@ -17,10 +17,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from shortened.converter.criteria import nll_sum, run_block, tail_logits
-from shortened.converter.recovery import HiddenCache, fit_recovery, needed_depths, variant_ppl
+from shortened.converter.forward import nll_sum, run_block, tail_logits
+from shortened.converter.recovery import (
+    DEFAULT_RIDGE,
+    RECOVER,
+    HiddenCache,
+    cache_hiddens,
+    check_recoverable,
+    fit_recovery,
+    needed_depths,
+    variant_ppl,
+)
+from shortened.data import CalibSpec, load_calibration
 from shortened.errors import UsageError
-from shortened.model.families import blocks_of
+from shortened.model.families import blocks_of, family_for
 
 SELECTIONS = ("topk", "span", "iterative", "best")
 
@@ -155,7 +165,6 @@ def score_sets(
 ) -> Selection:  # fmt: skip
     """Score every named set by calibration perplexity (after recovery where asked); the lowest wins. With recovery,
     the perplexity without it is computed for the winner only (every set with `score_plain`)."""
-    from shortened.converter.recovery import DEFAULT_RIDGE
 
     t0 = time.perf_counter()
     k = len(next(iter(sets.values())))
@@ -200,7 +209,6 @@ def choose_and_recover(
 ) -> Selection:  # fmt: skip
     """Candidate sets for `mode` (or just `blocks` when given), each scored after recovery; returns the Selection
     whose best candidate carries the fitted maps (Candidate.recovery.maps) to fold before removing its blocks."""
-    from shortened.converter.recovery import cache_hiddens, check_recoverable
 
     score_cache = cache_hiddens(model, score_batch, micro_batch, progress=progress)
     if blocks is not None:
@@ -221,8 +229,6 @@ def choose_and_recover(
 def resolve(select: str, recover: str, config, have_calib: bool) -> tuple[str, str]:
     """select auto: top-k and every span (best without the costly iterative order) when there is calibration text,
     else topk; recover auto: linear when there is calibration text and the family can fold a map, else none."""
-    from shortened.converter.recovery import RECOVER
-    from shortened.model.families import family_for
 
     if select not in (*SELECTIONS, "auto"):
         raise UsageError(f"unknown selection {select!r}; choose one of auto, {', '.join(SELECTIONS)}")
@@ -239,8 +245,6 @@ def check_plan(plan, calib, config, removable=None):
     """Validate the selection/recovery options (steps.PlanOptions) before any weights are read; returns (select,
     recover, fit spec). removable: the blocks that may go; recover auto with block 0 among them is none (no kept
     block before it to fold a map into)."""
-    from shortened.converter.recovery import check_recoverable
-    from shortened.data import CalibSpec
 
     recover = plan.recover
     if recover == "auto" and removable is not None and 0 in removable:
@@ -266,7 +270,6 @@ def check_plan(plan, calib, config, removable=None):
 def plan_removal(loaded, scores, k: int, blocks, select, recover, calib, fit_spec, protected, micro_batch=10,
                  ridge=None, order="best", progress=True, always=False) -> Selection:  # fmt: skip
     """prune()'s planning step: calibration batches, the criterion's orders, then choose_and_recover."""
-    from shortened.data import load_calibration
 
     n = len(blocks_of(loaded.model))
     candidates = [i for i in range(n) if i not in protected]

@@ -37,6 +37,7 @@ from shortened.model.checkpoint import save_checkpoint
 from shortened.model.families import num_blocks
 from shortened.model.loading import Loaded, LoadOptions, check_length, load_config, load_model
 from shortened.options import apply, option
+from shortened.plots import plot_block_scores
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,6 @@ def save_scores(result: BlockScores, out: str | Path, plot: bool = True, force: 
     with atomic_file(out, force) as tmp:
         write_json(tmp, result.to_dict(), atomic=False)
     if plot:
-        from shortened.plots import plot_block_scores
-
         with atomic_file(out.with_suffix(".png"), force) as tmp:
             plot_block_scores(result, tmp, removed=None if not result.iterative else result.removal_order)
 
@@ -203,7 +202,6 @@ def _save_pruned(out, force, inputs, key, res, src, n, removed, scores, selectio
         write_pruning_record(tmp, src, n, removed, scores, selection)
         if scores is not None:
             write_json(tmp / "scores.json", scores.to_dict())
-            from shortened.plots import plot_block_scores
 
             plot_block_scores(scores, tmp / "scores.png", removed=removed)
 

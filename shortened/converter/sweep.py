@@ -20,15 +20,18 @@ from shortened.converter.criteria import protected_blocks
 from shortened.converter.recovery import cache_hiddens, check_recoverable, variant_ppl
 from shortened.converter.selection import candidate_sets, check_plan, fit_depths, iterative_order, score_sets
 from shortened.converter.steps import PlanOptions, ScoreOptions
-from shortened.data import CalibBatch, CalibSpec, load_calibration
+from shortened.data import CalibBatch, CalibSpec, load_calibration, read_text, token_windows
 from shortened.errors import UsageError
+from shortened.io import atomic_dir, check_output_dir, write_json
+from shortened.model.cost import ideal_speedup
 from shortened.model.families import family_for, num_blocks
+from shortened.model.loading import Loaded, load_config, load_model
 from shortened.options import apply
+from shortened.plots import _plt
 
 
 def eval_batch(tokenizer, source: str, seq_len: int = 128, max_windows: int | None = None, add_bos=None, config=None):
     """quality.perplexity's windows as a batch (every position real)."""
-    from shortened.data import read_text, token_windows
 
     if add_bos is None:
         add_bos = family_for(config).needs_bos if config is not None else False
@@ -38,7 +41,6 @@ def eval_batch(tokenizer, source: str, seq_len: int = 128, max_windows: int | No
 
 
 def _ideal(config, k: int, context: int) -> float:
-    from shortened.model.cost import ideal_speedup
 
     pruned = copy.deepcopy(config)
     setattr(pruned, family_for(config).num_layers_key, num_blocks(config) - k)
@@ -119,8 +121,6 @@ def sweep(
     With `out`: sweep.json, sweep.md and sweep.png there. With max_ppl_ratio: "picked_k" (pick_k).
     opts: protect, no_protect and micro_batch (the criterion is the iterative order's: ppl); settings:
     ScoreOptions / PlanOptions fields by name (protect=[0], recover="linear")."""
-    from shortened.io import atomic_dir, check_output_dir
-    from shortened.model.loading import Loaded, load_config, load_model
 
     opts, plan = apply([opts or ScoreOptions(), plan or PlanOptions()], settings, "sweep")
     protect, no_protect, micro_batch = opts.protect, opts.no_protect, opts.micro_batch
@@ -198,7 +198,6 @@ def table(res: dict) -> str:
 
 
 def write_sweep(res: dict, out: Path) -> None:
-    from shortened.io import write_json
 
     out = Path(out)
     write_json(out / "sweep.json", res)
@@ -207,7 +206,6 @@ def write_sweep(res: dict, out: Path) -> None:
 
 
 def plot_sweep(res: dict, path) -> Path | None:
-    from shortened.plots import _plt
 
     plt = _plt()
     if plt is None:

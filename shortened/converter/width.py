@@ -21,8 +21,11 @@ from pathlib import Path
 import torch
 
 from shortened.errors import UsageError
+from shortened.io import atomic_dir, check_output_dir, output_key, up_to_date, write_json
+from shortened.model.checkpoint import save_checkpoint
 from shortened.model.cost import count_params, count_params_of_config
 from shortened.model.families import FAMILIES, Family, Geometry, blocks_of, geometry, get_path, set_path
+from shortened.model.loading import Loaded, load_config, load_model
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +209,6 @@ def target_params_of(target) -> int:
     """An int, or a checkpoint directory whose parameter count is the target."""
     if isinstance(target, int):
         return target
-    from shortened.model.loading import load_config
 
     return count_params_of_config(load_config(str(target)))
 
@@ -224,9 +226,6 @@ def width_prune(
 
     Returns {"out", "params", "target_params", "original_params", "kv_groups", "intermediate_size"}.
     """
-    from shortened.io import atomic_dir, check_output_dir, output_key, up_to_date, write_json
-    from shortened.model.checkpoint import save_checkpoint
-    from shortened.model.loading import Loaded, load_config, load_model
 
     src = model.source if isinstance(model, Loaded) else str(model)
     settings = dict(model=src, target_params=target_params, kv_groups=kv_groups, multiple_of=multiple_of, load=load)

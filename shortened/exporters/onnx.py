@@ -38,39 +38,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shortened.errors import UsageError
-from shortened.exporters.quantize import QuantOptions
+from shortened.exporters.fused import FusedCausalLM, unsupported_reason
+from shortened.exporters.layout import (
+    DATA_FILE,
+    MIN_EXTERNAL_BYTES,
+    ONNX_FILE,
+    RECORD_FILE,
+    cache_geometry,
+    kv_names,
+    save_graph,
+)
+from shortened.exporters.ort_ops import translation_table
+from shortened.exporters.quantize import (
+    BITS,
+    QUANTIZED,
+    QuantOptions,
+    WindowReader,
+    calibration_windows,
+    quant_options_for,
+    quantize_proto,
+)
+from shortened.io import atomic_dir, check_output_dir, output_key, up_to_date, write_json
+from shortened.model.checkpoint import make_config_portable
 from shortened.model.families import geometry
+from shortened.model.loading import Loaded, LoadOptions, load_config, load_model, torch_dtype
 from shortened.options import check, option
+from shortened.runtime.base import position_ids_from_mask
 from shortened.versions import EXPORT_PACKAGES, versions
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-RECORD_FILE = "export.json"
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-QUANTIZED = ("int4", "int8")  # weight-only: an fp32 graph whose MatMul weights are int4/int8 (exporters/quantize.py)
 EXPORTERS = ("torch", "optimum")
 MIN_OPSET = 18  # the dynamo exporter's floor
-MIN_EXTERNAL_BYTES = 1024  # smaller tensors always stay in model.onnx
-PROTOBUF_LIMIT = 2**31 - 1  # a single ONNX protobuf cannot exceed 2 GB: larger models must use external data
 # Optimum's dim names
 BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL = f"{PAST} + {SEQ}"
 ATTENTION_FUSIONS = ("fuse_sdpa", "fuse_gqa", "fuse_qkv_gqa", "fuse_mha1", "fuse_mha2", "fuse_mha_scale",
                      "fuse_mha_bias", "fuse_attention", "replace_sdpa_by_mha")  # fmt: skip
-
-
-def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return past, present
-
-
-def cache_geometry(config) -> tuple[int, int, int, int]:
-    """(num_layers, num_attention_heads, num_key_value_heads, head_dim) of a supported family's config."""
-    g = geometry(config)
-    return g.layers, g.heads, g.kv_heads, g.head_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,9 +142,6 @@ def _trace(model, cache: bool, opset: int | None, fused: bool = False):
     past_names, present_names = kv_names(n_layers) if cache else ([], [])
     kwargs = dict(opset_version=opset) if opset else {}
     if fused:
-        from shortened.exporters.fused import FusedCausalLM
-        from shortened.exporters.ort_ops import translation_table
-
         wrapper = FusedCausalLM(model).eval()
         kwargs["custom_translation_table"] = translation_table()
     else:
@@ -215,8 +217,6 @@ def _torch_stepper(model):
     import numpy as np
     import torch
 
-    from shortened.runtime.base import position_ids_from_mask
-
     def step(ids, mask, pos, state):
         full = ids if state is None else np.concatenate([state, ids], 1)
         positions = torch.from_numpy(position_ids_from_mask(mask, mask.shape[1]))
@@ -234,8 +234,6 @@ def padded_batch_check(reference, candidate, config, steps: int = 2, seed: int =
     model (each an exported graph's path or a PyTorch model) on a left-padded batch of 2: a prefill of 6 tokens (the
     second row padded by 3), then `steps` cached decode steps."""
     import numpy as np
-
-    from shortened.runtime.base import position_ids_from_mask
 
     rng = np.random.default_rng(seed)
     runs = [_onnx_stepper(Path(x), config) if isinstance(x, (str, Path)) else _torch_stepper(x)
@@ -271,7 +269,7 @@ def optimize_fused(staging: Path, model, torch_model, precision: str, threshold:
     a left-padded batch; returns (model, info), or (None, info) when it does not match (the caller falls back)."""
     nodes_before = _count_nodes(model)
     fused, counts = _fuse(model, attention=False)
-    _save(fused, staging / ONNX_FILE, threshold)
+    save_graph(fused, staging / ONNX_FILE, threshold)
     diff = padded_batch_check(torch_model, staging / ONNX_FILE, torch_model.config)
     info = {"graph": "fused", "nodes_before": nodes_before, "nodes_after": _count_nodes(fused),
             "fused": {"group_query_attention": _count_op(fused, "GroupQueryAttention"), **counts},
@@ -291,13 +289,13 @@ def optimize_graph(staging: Path, model, config, precision: str, threshold: int)
 
     plain = staging / "plain"
     plain.mkdir()
-    _save(model, plain / ONNX_FILE, threshold)
+    save_graph(model, plain / ONNX_FILE, threshold)
     nodes_before = _count_nodes(model)
     tol = _tolerance(precision)
     info = {"graph": "generic", "nodes_before": nodes_before}
     for attention in (True, False):
         fused, counts = _fuse(model if attention else onnx_ir.load(plain / ONNX_FILE), attention)
-        _save(fused, staging / ONNX_FILE, threshold)
+        save_graph(fused, staging / ONNX_FILE, threshold)
         try:
             diff, error = padded_batch_check(plain / ONNX_FILE, staging / ONNX_FILE, config), None
         except Exception as e:  # a fusion that leaves an invalid graph (e.g. mixed fp16/fp32 norms)
@@ -321,7 +319,7 @@ def optimize_graph(staging: Path, model, config, precision: str, threshold: int)
     for p in (staging / ONNX_FILE, staging / DATA_FILE):
         p.unlink(missing_ok=True)
     result = onnx_ir.load(plain / ONNX_FILE)
-    _save(result, staging / ONNX_FILE, threshold)
+    save_graph(result, staging / ONNX_FILE, threshold)
     shutil.rmtree(plain)
     return result, info
 
@@ -336,27 +334,6 @@ def _count_nodes(model) -> int:
 
 def _count_op(model, op_type: str) -> int:
     return sum(1 for n in model.graph.all_nodes() if n.op_type == op_type)
-
-
-def _weight_bytes(model) -> int:
-    return sum(int(t.const_value.nbytes) for t in model.graph.initializers.values() if t.const_value is not None)
-
-
-def _save(model, path: Path, threshold: int | None) -> bool:
-    """Save with tensors of `threshold` (at least 1024) bytes or more in model.onnx.data; None: one file, unless the
-    weights exceed what one protobuf holds (2 GB), where external data is forced."""
-    import onnx_ir
-
-    for p in (path, path.with_name(DATA_FILE)):
-        p.unlink(missing_ok=True)
-    external = threshold is not None or _weight_bytes(model) > PROTOBUF_LIMIT
-    if external:
-        # small tensors (shape constants) stay inline: onnxruntime's shape inference cannot read them from a file
-        size = max(threshold or 0, MIN_EXTERNAL_BYTES)
-        onnx_ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=size)
-    else:  # weights that still live in another file (a loaded model) come into memory first
-        onnx_ir.save(onnx_ir.external_data.load_to_model(model), path)
-    return path.with_name(DATA_FILE).is_file()
 
 
 def genai_config(config, generation_config=None, filename: str = ONNX_FILE, cache: bool = True,
@@ -410,8 +387,6 @@ def genai_config(config, generation_config=None, filename: str = ONNX_FILE, cach
 
 
 def _write_side_files(staging: Path, model, tokenizer, cache: bool, fused: bool = False) -> None:
-    from shortened.io import write_json
-    from shortened.model.checkpoint import make_config_portable
 
     model.config.save_pretrained(staging)
     make_config_portable(staging)
@@ -484,33 +459,8 @@ class ExportOptions:
         if threshold is not None and threshold < MIN_EXTERNAL_BYTES:
             raise UsageError(f"--external-data-threshold must be at least {MIN_EXTERNAL_BYTES} bytes (smaller tensors "
                              f"always stay in model.onnx), or -1 for one file; got {threshold}")  # fmt: skip
-        self.quant = _quant_options(self.precision, self.quant, self.optimize, self.calib)
+        self.quant = quant_options_for(self.precision, self.quant, self.optimize, self.calib)
         return check(self, "export option")
-
-
-def _quant_options(precision, quant, optimize, calib):
-    """The QuantOptions of an int4/int8 export (None for float precisions), resolved and checked before any work."""
-    from shortened.exporters.quantize import BITS
-
-    if precision not in QUANTIZED:
-        if quant:
-            raise UsageError(f"quantization options apply to --precision int4/int8, not {precision}")
-        return None
-    if isinstance(quant, dict):
-        import dataclasses
-
-        names = {f.name for f in dataclasses.fields(QuantOptions)}
-        unknown = sorted(set(quant) - names)
-        if unknown:
-            raise UsageError(f"unknown quantization option {unknown[0]!r}; known: {', '.join(sorted(names))}")
-        quant = QuantOptions(**quant)
-    opts = (quant or QuantOptions()).resolved(BITS[precision])
-    opts.validate(BITS[precision])
-    if opts.format == "qdq" and optimize:
-        raise UsageError("the QDQ format is for TensorRT, which cannot run the fused graph: drop --optimize")
-    if opts.method == "gptq" and not calib:
-        raise UsageError("GPTQ needs calibration text: pass --calib FILE (the calibration set)")
-    return opts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,8 +475,6 @@ def export_onnx(model, out, options: ExportOptions | None = None, *, force: bool
     the options'. force: replace an existing `out`. load: LoadOptions for loading (its dtype is replaced by the
     precision's, its device by the CPU).
     """
-    from shortened.io import atomic_dir, check_output_dir, output_key, up_to_date
-    from shortened.model.loading import Loaded, LoadOptions, load_config
 
     opts = dataclasses.replace(options or ExportOptions(), **fields).validate()
     source = model.source if isinstance(model, Loaded) else str(model)
@@ -569,7 +517,6 @@ def _stages(progress: bool):
 def _load_on_cpu(model, opts: ExportOptions, load, stage):
     """(torch model, tokenizer or None): loaded in the traced precision on the CPU; a caller's model in another
     dtype is converted as a copy, never the caller's weights."""
-    from shortened.model.loading import Loaded, LoadOptions, load_model, torch_dtype
 
     if isinstance(model, Loaded):
         loaded = model
@@ -593,8 +540,6 @@ def _first_graph(torch_model, opts: ExportOptions, stage):
     exporters/fused.py where the family supports it, else the generic graph."""
     fused_reason = None
     if opts.optimize:
-        from shortened.exporters.fused import unsupported_reason
-
         fused_reason = unsupported_reason(torch_model) if opts.cache else "a graph without KV cache"
     stage("trace")
     fused = opts.optimize and fused_reason is None
@@ -607,7 +552,7 @@ def _optimize_or_save(staging, onnx_model, torch_model, opts: ExportOptions, fus
     threshold = opts.external_data_threshold
     if not opts.optimize:
         stage("save")
-        _save(onnx_model, staging / ONNX_FILE, threshold)
+        save_graph(onnx_model, staging / ONNX_FILE, threshold)
         return onnx_model, {}
     stage("optimize")
     if fused_reason is None:
@@ -628,8 +573,6 @@ def _quantize(staging, onnx_model, torch_model, tokenizer, opts: ExportOptions):
     parity judges it)."""
     import onnx_ir
 
-    from shortened.exporters.quantize import BITS, WindowReader, calibration_windows, quantize_proto
-
     t0 = time.perf_counter()
     proto = onnx_ir.to_proto(onnx_ir.external_data.load_to_model(onnx_model))
     reader = None
@@ -641,7 +584,7 @@ def _quantize(staging, onnx_model, torch_model, tokenizer, opts: ExportOptions):
     if reader is not None:
         record["calibration"] = {"source": str(opts.calib), "windows": len(reader.feeds)}
     model = onnx_ir.from_proto(qproto)
-    _save(model, staging / ONNX_FILE, opts.external_data_threshold)
+    save_graph(model, staging / ONNX_FILE, opts.external_data_threshold)
     record["seconds"] = round(time.perf_counter() - t0, 2)
     if opts.quant.format == "qoperator":
         record["padded_rel_diff_vs_torch_fp32"] = padded_batch_check(torch_model, staging / ONNX_FILE,
@@ -663,7 +606,6 @@ def _trace_or_explain(torch_model, cache, opset, fused=False):
 def _finish(staging, out, onnx_model, torch_model, tokenizer, opts: ExportOptions, info, source, t0) -> dict:
     """The side files (config, tokenizer, genai_config.json) and export.json beside the staged graph; returns the
     summary."""
-    from shortened.io import write_json
 
     _write_side_files(staging, torch_model, tokenizer, opts.cache, fused=info.get("graph") == "fused")
     n_layers = cache_geometry(torch_model.config)[0]
@@ -701,9 +643,6 @@ def _summary(staging, out, onnx_model, exporter, precision, cache, n_layers, t0,
 def _export_optimum(model, out, opts: ExportOptions, force, t0, key=None) -> dict:
     import onnx_ir
 
-    from shortened.io import atomic_dir, write_json
-    from shortened.model.loading import Loaded, load_config
-
     try:
         from optimum.exporters.onnx import main_export
     except ImportError as e:
@@ -729,7 +668,7 @@ def _export_optimum(model, out, opts: ExportOptions, force, t0, key=None) -> dic
         if not found:
             raise UsageError(f"optimum wrote no .onnx file for {model}")
         onnx_model = onnx_ir.load(found[0])
-        _save(onnx_model, staging / ONNX_FILE, opts.external_data_threshold)
+        save_graph(onnx_model, staging / ONNX_FILE, opts.external_data_threshold)
         for p in raw.iterdir():
             if p.suffix != ".onnx" and not p.name.endswith((".onnx_data", ".onnx.data")):
                 shutil.move(str(p), staging / p.name)

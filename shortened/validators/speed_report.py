@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shortened.plots import _plt
 from shortened.validators.stats import pairwise_speedups, speedup_stats, summarize
 
 
@@ -157,7 +158,6 @@ def flag_above_ideal(rows: list[dict], models: dict) -> None:
 
 def plot_speed(report: SpeedReport, path: str | Path) -> Path | None:
     """Decode tokens/s and decode speedup (with each model's ideal, dashed) against batch size."""
-    from shortened.plots import _plt
 
     plt = _plt()
     if plt is None:

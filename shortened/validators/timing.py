@@ -25,12 +25,14 @@ import numpy as np
 from shortened.errors import UsageError
 from shortened.model.cost import _config
 from shortened.model.families import geometry
+from shortened.model.loading import LoadOptions
 from shortened.options import check, option
 from shortened.runtime.base import timed_generate
 from shortened.runtime.genai import load_genai
 from shortened.runtime.hf_generate import load_hf_generate
 from shortened.runtime.onnxruntime import load_ort_runner
 from shortened.runtime.tensorrt import TrtRunner, engine_path
+from shortened.runtime.torch_runner import load_torch_runner
 from shortened.validators.stats import resolved
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -105,9 +107,6 @@ def load_for_timing(spec: ModelSpec, options: SpeedOptions):
     device = options.device
     if spec.kind == "torch":
         import torch
-
-        from shortened.model.loading import LoadOptions
-        from shortened.runtime.torch_runner import load_torch_runner
 
         torch.set_num_threads(threads)
         return load_torch_runner(spec.path, LoadOptions(device=device))

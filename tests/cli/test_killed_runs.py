@@ -49,7 +49,7 @@ elif point == "after-weights":
     after(m.surgery, "cut_checkpoint")  # (the weights of prune by tensor surgery)
 elif point == "after-graph":
     import shortened.exporters.onnx as m
-    after(m, "_save")
+    after(m, "save_graph")
 elif point == "between-steps":
     import shortened.pipeline.build as m
     orig_step = m._run_step

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from shortened.converter.criteria import capture_block_inputs, score_blocks
+from shortened.converter.criteria import score_blocks
+from shortened.converter.forward import capture_block_inputs
 from shortened.converter.recovery import _mlp_parts, applied, cache_hiddens, fit_maps, fold, runs_of, variant_ppl
 from shortened.converter.selection import choose_and_recover, resolve, spans
 from shortened.converter.steps import prune

@@ -308,7 +308,9 @@ def test_no_cache_cli_external_data_and_2gb_guard(pruned, tmp_path, capsys, monk
     one = tmp_path / "inline" / X.ONNX_FILE
     one.parent.mkdir()
     assert not X._save(m, one, threshold=None)  # small: a single file
-    monkeypatch.setattr(X, "PROTOBUF_LIMIT", 1000)  # pretend the weights exceed what one protobuf holds
+    import shortened.exporters.layout as layout
+
+    monkeypatch.setattr(layout, "PROTOBUF_LIMIT", 1000)  # pretend the weights exceed what one protobuf holds
     forced = tmp_path / "forced" / X.ONNX_FILE
     forced.parent.mkdir()
     assert X._save(m, forced, threshold=None)
