@@ -307,13 +307,13 @@ def test_no_cache_cli_external_data_and_2gb_guard(pruned, tmp_path, capsys, monk
     weights = sum(v.const_value.nbytes for v in m.graph.initializers.values() if v.const_value.nbytes >= 1024)
     one = tmp_path / "inline" / X.ONNX_FILE
     one.parent.mkdir()
-    assert not X._save(m, one, threshold=None)  # small: a single file
     import shortened.exporters.layout as layout
 
+    assert not layout.save_graph(m, one, threshold=None)  # small: a single file
     monkeypatch.setattr(layout, "PROTOBUF_LIMIT", 1000)  # pretend the weights exceed what one protobuf holds
     forced = tmp_path / "forced" / X.ONNX_FILE
     forced.parent.mkdir()
-    assert X._save(m, forced, threshold=None)
+    assert layout.save_graph(m, forced, threshold=None)
     assert (forced.parent / X.DATA_FILE).stat().st_size >= weights
     s1, s2 = session(one.parent), session(forced.parent)
     feed = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
