@@ -270,7 +270,7 @@ def test_speed_options_are_checked_once_when_made():
     bad_settings = [
         ({"batch_sizes": [0, 1]}, "positive"),
         ({"new_tokens": 1}, "new_tokens must be at least 2"),
-        ({"precision": "fp8"}, "precision must be one of"),
+        ({"precision": "fp8"}, "unknown precision 'fp8'; choose one of"),
         ({"repeats": 1.5}, "repeats must be an integer"),
     ]
     for bad, msg in bad_settings:
