@@ -368,12 +368,20 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+_SHA256: dict = {}  # (path, inode, size, mtime_ns, ctime_ns) -> digest: the keys of convert and its stages hash once
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    st = os.stat(path)
+    memo = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if memo in _SHA256:
+        return _SHA256[memo]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    _SHA256[memo] = h.hexdigest()
+    return _SHA256[memo]
 
 
 def fingerprint_path(path: str | os.PathLike) -> dict:

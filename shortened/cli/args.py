@@ -10,16 +10,6 @@ import typing
 from shortened.options import _default, _union_args, check, flag_name, help_text, hints
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:  # `--blocks ''` would otherwise prune nothing and succeed
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got an empty list {text!r}")
-    return values
-
-
 def json_object(text: str) -> dict:
     """A flag holding a JSON object, e.g. '{"max_abs": 1e-3}'."""
     import json
@@ -56,15 +46,18 @@ def load_options(args):
 def _comma_list(inner):
     def parse(text: str) -> list:
         items = [x for x in text.replace(" ", "").split(",") if x]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got an empty one {text!r}")
+        what = {int: "integers", float: "numbers"}.get(inner, f"{inner.__name__} values")
+        if not items:  # `--blocks ''` would otherwise prune nothing and succeed
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got an empty list {text!r}")
         try:
             return [inner(x) for x in items]
         except ValueError:
-            what = {int: "integers", float: "numbers"}.get(inner, f"{inner.__name__} values")
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
 
     return parse
+
+
+int_list = _comma_list(int)
 
 
 def _or_words(tp, words: tuple):
@@ -125,7 +118,7 @@ def add_options(p, cls, *, exclude=(), suppress: bool = False, defaults: dict | 
             inner = (typing.get_args(tp) or (str,))[0]
             if choices:
                 kw["help"] += f" (comma-separated, of {', '.join(map(str, choices))})"
-            p.add_argument(flag_name(f), type=int_list if inner is int else _comma_list(inner), metavar="A,B,...", **kw)
+            p.add_argument(flag_name(f), type=_comma_list(inner), metavar="A,B,...", **kw)
         elif tp is dict or typing.get_origin(tp) is dict:
             p.add_argument(flag_name(f), type=json_object, metavar="JSON", **kw)
         elif words:
