@@ -68,6 +68,8 @@ class RetrainConfig:
     # optimisation (AdamW)
     max_steps: int = option(-1, "optimizer steps (overrides --epochs)")
     epochs: float = option(1.0, "passes over the training data")
+    max_minutes: float = option(0.0, "stop after this many minutes of training (0: no limit), validating and saving "
+                                "that last step; pair it with --scheduler constant", min=0)  # fmt: skip
     batch_size: int = option(4, "examples per device per step", min=1)
     grad_accum: int = option(1, "gradient accumulation steps", min=1)
     lr: float | None = option(None, "learning rate (default 1e-4; distill: that of its weights)")
@@ -207,6 +209,24 @@ def _final_step_callback():
             return control
 
     return EvaluateLastStep()
+
+
+def _time_budget_callback(minutes: float):
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        """--max-minutes: stop once the training time is spent; the step it stops at is validated and saved."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.perf_counter() - self.t0 > minutes * 60:
+                log.info("--max-minutes %g reached at step %d", minutes, state.global_step)
+                control.should_training_stop = control.should_evaluate = control.should_save = True
+            return control
+
+    return TimeBudget()
 
 
 def _initial_val_callback(path: Path):
@@ -484,7 +504,11 @@ def _trainer(net, tok, cfg: RetrainConfig, work: Path, train_ex, val_ex, pairs, 
         eval_dataset=ExampleDataset(val_ex),
         data_collator=Collator(pad),
         processing_class=tok,
-        callbacks=[_final_step_callback(), *callbacks],
+        callbacks=[
+            _final_step_callback(),
+            *([_time_budget_callback(cfg.max_minutes)] if cfg.max_minutes else []),
+            *callbacks,
+        ],
     )
     if cfg.method == "distill":
         teacher_model = load_model(teacher_src, cfg.load, tokenizer=False).model

@@ -83,6 +83,15 @@ def test_full_loss_goes_down_and_record(tiny_models, text_file, tmp_path):
     assert saved["hyperparameters"]["weight_decay"] == 0.1 and rec == saved
 
 
+def test_max_minutes_stops_and_saves_the_last_step(tiny_models, text_file, tmp_path):
+    src, out = tiny_models["llama"], tmp_path / "budget"
+    opts = {**FAST, "eval_steps": 100}
+    rec = retrain(str(src), out, method="full", data=str(text_file), max_steps=50, max_minutes=1e-9, **opts)
+    assert rec["steps"] == 1  # the budget, not max_steps, ended the run
+    assert [v["step"] for v in rec["losses"]["val"]] == [1]  # the step it stopped at was validated
+    assert _load(out).model.config.num_hidden_layers > 0
+
+
 def test_distill_teacher_equal_student_gives_zero_kl(tiny_models, text_file, tmp_path):
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[1, 2, 3, 4, 5], [IGNORE, IGNORE, 3, 4, IGNORE]])
