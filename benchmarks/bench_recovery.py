@@ -53,21 +53,10 @@ def iterative_work(order: list[int], candidates: list[int], n: int) -> dict:
 
 
 def heal(pruned: Path, out: Path, args) -> dict:
-    """Retrain for a wall-clock budget (a callback stops the Trainer), then the held-out perplexity."""
-    from transformers import TrainerCallback
-
+    """Retrain for a wall-clock budget (retrain's max_minutes), then the held-out perplexity."""
     from shortened.converter.retrain import retrain
     from shortened.model.loading import load_model
     from shortened.validators.quality import perplexity
-
-    class Budget(TrainerCallback):
-        def __init__(self, seconds):
-            self.seconds, self.t0 = seconds, time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            if time.perf_counter() - self.t0 > self.seconds:
-                control.should_training_stop = True
-            return control
 
     # A constant rate, no warmup: the budget, not max_steps, ends the run, so a cosine with 3% warmup over 10,000
     # steps never left its warmup (300 steps; 15 minutes on the shared 2 cores is 14-18 steps). Span 13-18
@@ -75,7 +64,7 @@ def heal(pruned: Path, out: Path, args) -> dict:
     t = time.perf_counter()
     rec = retrain(str(pruned), out, method=args.heal_method, data=args.heal_data, max_steps=10_000, seq_len=128,
                   batch_size=8, eval_steps=10_000, lr=5e-4, warmup_ratio=0.0, scheduler="constant",
-                  callbacks=[Budget(args.heal_minutes * 60)], progress=False)  # fmt: skip
+                  max_minutes=args.heal_minutes, progress=False)  # fmt: skip
     p = load_model(str(out))
     ppl = perplexity(p.model, p.tokenizer, args.eval, 128, max_windows=60, progress=False).ppl
     return {"method": args.heal_method, "steps": rec["steps"], "seconds": round(time.perf_counter() - t, 1),
