@@ -102,6 +102,8 @@ class QuantOptions:
                              "table", cli=False)  # fmt: skip
     format: str = option("qoperator", "qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no "
                          "--optimize)", choices=FORMATS, flag="--quant-format")  # fmt: skip
+    pack: bool = option(True, "merge the MatMulNBits that share an input (gate/up) into one node + Split",
+                        cli=False)
     float_zero_points: bool = option(False, "hqq: keep its float zero points (slow CPU path) instead of rounding to "
                                      "uint8", cli=False)  # fmt: skip
 
@@ -277,6 +279,7 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     for b, excl, o, ops in passes:
         model = _run_quantizer(model, b, o, excl, _config(o, b, calib_reader, ops))
     out = model
+    packed = _pack_shared_inputs(out.graph) if opts.pack and qop else 0
     if opts.method == "hqq" and not opts.float_zero_points and qop:
         _integer_zero_points(out.graph, bits, opts.block_size)
     if opts.accuracy_level and qop:  # hqq and gptq write no accuracy level: the same compute for every method
@@ -297,7 +300,7 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
         embedding = "quantized int4 (GatherBlockQuantized)"
     record = {**asdict(opts), "bits": bits, "symmetric": opts.symmetric and opts.method != "hqq",
               "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-              "matmuls": n_matmul, "quantized_matmuls": quantized, "head_quantized": bool(opts.head and head),
+              "matmuls": n_matmul, "quantized_matmuls": quantized + packed, "packed_matmuls": packed, "head_quantized": bool(opts.head and head),
               "head_bits": head_bits if opts.head and head else None, "tied_embeddings": tied,
               "head_method": head_method if opts.head and head else None,
               "embedding_table": embedding, "activations": "float32"}  # fmt: skip
@@ -354,6 +357,58 @@ def _integer_zero_points(graph, bits: int, block: int) -> int:
             graph.node.insert(i + 1 + j, e)
         count += 1
     return count
+
+
+def _pack_shared_inputs(graph) -> int:
+    """Merge the MatMulNBits nodes that read the same input with the same K, bits, block size and accuracy level
+    (gate and up; q, k, v when the graph has them apart) into one node whose N is the sum of theirs, followed by a
+    Split back to the original outputs: the weights, scales and zero points are stored N-major, so the merge is a
+    concatenation and exact. One kernel launch instead of several, and (hqq) one block-sum offset chain per input.
+    Returns how many nodes were merged away."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    groups: dict = {}
+    for n in graph.node:
+        if n.op_type != "MatMulNBits" or len(n.input) < 3 or len(n.input) > 4:
+            continue
+        if not all(x in inits for x in n.input[1:]):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        zp = inits[n.input[3]].data_type if len(n.input) == 4 else None
+        key = (n.input[0], attrs.get("K"), attrs.get("bits", 4), attrs.get("block_size"),
+               attrs.get("accuracy_level", 0), zp, tuple(sorted(set(attrs) - {"N"})))  # fmt: skip
+        groups.setdefault(key, []).append((n, attrs))
+    merged = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        nodes = [m for m, _ in members]
+        sizes = [int(a["N"]) for _, a in members]
+        first = nodes[0]
+        base = f"{first.name}/packed"
+        cat = []
+        for j in range(1, len(first.input)):
+            arrs = [numpy_helper.to_array(inits[m.input[j]]) for m in nodes]
+            cat.append(numpy_helper.from_array(np.ascontiguousarray(np.concatenate(arrs, 0)), f"{base}/in{j}"))
+        graph.initializer.extend(cat)
+        attrs = {**members[0][1], "N": sum(sizes)}
+        packed = helper.make_node("MatMulNBits", [first.input[0]] + [t.name for t in cat], [f"{base}/out"],
+                                  name=base, domain=first.domain, **attrs)  # fmt: skip
+        split_sizes = numpy_helper.from_array(np.array(sizes, np.int64), f"{base}/split")
+        graph.initializer.append(split_sizes)
+        split = helper.make_node("Split", [f"{base}/out", split_sizes.name], [m.output[0] for m in nodes],
+                                 axis=-1, name=f"{base}/Split")  # fmt: skip
+        i = list(graph.node).index(first)
+        for m in nodes:
+            graph.node.remove(m)
+        graph.node.insert(i, packed)
+        graph.node.insert(i + 1, split)
+        merged += len(nodes) - 1
+    if merged:
+        _drop_unused_initializers(graph)
+    return merged
 
 
 def _drop_unused_initializers(graph) -> None:
