@@ -8,8 +8,10 @@ norms, attention and the KV cache stay fp32.
 
 Methods (all onnxruntime's): rtn (its C++ round-to-nearest, `DefaultWeightOnlyQuantConfig`; the one
 onnxruntime-genai's builder uses), hqq (half-quadratic, asymmetric, 4 bits; its float
-zero points are rewritten to uint8 ones plus an exact per-block offset, for MatMulNBits' fast CPU kernel), gptq (Hessian
-from calibration activations, 4 bits; the calibration windows run through the fp32 graph).
+zero points are rewritten to uint8 ones plus an exact per-block offset, for MatMulNBits' fast CPU kernel, except on the
+attention output projection, whose zeros are only rounded: measured free), gptq (Hessian from calibration
+activations, 4 bits; the calibration windows run through the fp32 graph). MatMulNBits nodes that share an input
+(gate and up) are packed into one node + Split after the quantizer, exactly.
 
 The embedding: with tied embeddings (SmolLM2) and an rtn-quantized head, the Gather reads the head's own quantized
 table through GatherBlockQuantized (as genai's builder does), so the vocabulary table is stored once, in int4/int8.
@@ -79,6 +81,35 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # int4 step (the offset matmuls); gptq and accuracy levels were not measured in this round.
 # Caveat: this SmolLM2 is dequantized from a Q4_1 GGUF: its block weights hold ~13 distinct values per block of 32
 # (a 4-bit grid with a per-block offset), which hqq at block 32 nearly recovers; the int4 figures above flatter int4.
+# Issue 13 round (onnxruntime 1.32, onnxruntime-genai 0.18; 2 threads; ratios side by side in one process, median
+# [min-max] of 5-10 interleaved repetitions of a 32-token decode after a 128-token prompt, in genai's runtime):
+#   where the time goes (enable_profiling, 30 decode steps, kernel us/step): genai's int4 4184 = MatMulNBits 2776
+#   (121 nodes: packed qkv, o, gate, up, down, head) + GQA 803 + SkipSimplifiedLN 312 + the rest; ours (gate/up
+#   packed) 6418 = MatMulNBits 2960 (97 nodes, with the int8 head: twice the int4 head's bytes) + the offset chains
+#   MatMul 764 + Add 426 + ReduceSum 401 + Reshape 376 (96 each) + Split 115: the chains are dispatch, not bandwidth
+#   (~7 us each; their fp32 offsets are 10 MB a step against 42 MB of int4 weights). Both graphs pack q/k/v into one
+#   MatMulNBits (onnxscript's fusion does it for us); genai keeps gate and up apart; every MatMulNBits of both runs
+#   accuracy level 4; the session options (threads, spinning) are the same.
+#   variant (load 0.2-0.6 unless named)                    ms/step  vs genai int4       WikiText-2 60 windows
+#   genai int4 (rtn sym, int4 head)                          2.92     1.00                238.92 (fp32 144.35)
+#   before this round (7 chains a block, int8 head)          4.35     0.68 [0.66-0.69]    144.81
+#   same with no offset chains at all (wrong numerics)       3.43     0.86 [0.83-0.87]    - (the bound on chains)
+#   same with an int4 rtn head (shared embedding)            3.84     0.77 [0.74-0.83]    +13% (8 windows, above)
+#   gate/up packed into one MatMulNBits + Split (kept)       4.39     0.71 [0.65-0.75] (base 0.68 in the same run)
+#   + offset matmuls as int8 MatMulNBits (not kept)          4.35     0.68 [0.66-0.71] (pack 0.70): no gain
+#   + block sums as extra columns of the node (not kept)              0.98 [0.81-1.22] of pack (load 3.8): no gain
+#   + hqq int4 head with its own offset (not kept)                    0.71 vs pack 0.69 (load 3.9): no clear gain
+#   + o_proj zeros rounded, no chain (kept: 72 chains)       12.85*   0.73 [0.66-0.85] (pack 0.67; *load 3.4)
+#   rounding one projection's zeros, WikiText-2 60 windows: o_proj 144.88 (+0.05% over exact), qkv 164.01, gate/up
+#   159.86, down 161.74; PTB 40 windows: fp32 301.0, exact 302.53, o_proj rounded 303.09. So only o_proj goes.
+#   bench_quantized.py, 2 threads, 7 interleaved repetitions, load 4.0 before / 4.2 after (another engineer's jobs
+#   on the 2 cores): ours int4 12.14 ms/step, genai int4 9.38: 0.786 [0.763-0.823] x genai (gate/up packing alone,
+#   an earlier run at load 1.2-4.1: 0.757 [0.692-0.777]); 29.8 [26.5-39.0] x PyTorch fp32 eager on the original;
+#   PPL 60 windows int4 144.88 vs fp32 144.35 (1.004x; int8 145.32, genai int4 238.92); 98.5 MB (genai 73.2 MB).
+#   Greedy on 4 WikiText prompts (128 tokens, 32 new), tokens before the first difference from fp32: exact offsets
+#   32/18/32/32, this default 10/18/32/32, genai int4 0/0/0/0.
+#   The 1.0x goal is not reached: the exact offsets that keep PPL within 0.3% cost ~3 nodes per projection, and the
+#   int8 head (the int4 one costs 13% PPL) ~0.5 ms; genai's layout is that fast only because it drops both (+65% PPL).
 DEFAULT_METHOD = {4: "hqq", 8: "rtn"}
 DEFAULT_HEAD_BITS = {4: 8, 8: 8}
 
