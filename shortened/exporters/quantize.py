@@ -8,9 +8,8 @@ norms, attention and the KV cache stay fp32.
 
 Methods (all onnxruntime's): rtn (its C++ round-to-nearest, `DefaultWeightOnlyQuantConfig`; the one
 onnxruntime-genai's builder uses), hqq (half-quadratic, asymmetric, 4 bits; its float
-zero points are rewritten to uint8 ones plus an exact per-block offset, for MatMulNBits' fast CPU kernel, except on the
-attention output projection, whose zeros are only rounded: measured free), gptq (Hessian from calibration
-activations, 4 bits; the calibration windows run through the fp32 graph). MatMulNBits nodes that share an input
+zero points are rewritten to uint8 ones plus an exact per-block offset, for MatMulNBits' fast CPU kernel), gptq (Hessian
+from calibration activations, 4 bits; the calibration windows run through the fp32 graph). MatMulNBits nodes that share an input
 (gate and up) are packed into one node + Split after the quantizer, exactly.
 
 The embedding: with tied embeddings (SmolLM2) and an rtn-quantized head, the Gather reads the head's own quantized
@@ -99,15 +98,17 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 #   + offset matmuls as int8 MatMulNBits (not kept)          4.35     0.68 [0.66-0.71] (pack 0.70): no gain
 #   + block sums as extra columns of the node (not kept)              0.98 [0.81-1.22] of pack (load 3.8): no gain
 #   + hqq int4 head with its own offset (not kept)                    0.71 vs pack 0.69 (load 3.9): no clear gain
-#   + o_proj zeros rounded, no chain (kept: 72 chains)       12.85*   0.73 [0.66-0.85] (pack 0.67; *load 3.4)
+#   + o_proj zeros rounded, no chain (attn_out_offset=False) 12.85*  0.73 [0.66-0.85] (pack 0.67; *load 3.4)
 #   rounding one projection's zeros, WikiText-2 60 windows: o_proj 144.88 (+0.05% over exact), qkv 164.01, gate/up
-#   159.86, down 161.74; PTB 40 windows: fp32 301.0, exact 302.53, o_proj rounded 303.09. So only o_proj goes.
-#   bench_quantized.py, 2 threads, 7 interleaved repetitions, load 4.0 before / 4.2 after (another engineer's jobs
-#   on the 2 cores): ours int4 12.14 ms/step, genai int4 9.38: 0.786 [0.763-0.823] x genai (gate/up packing alone,
-#   an earlier run at load 1.2-4.1: 0.757 [0.692-0.777]); 29.8 [26.5-39.0] x PyTorch fp32 eager on the original;
-#   PPL 60 windows int4 144.88 vs fp32 144.35 (1.004x; int8 145.32, genai int4 238.92); 98.5 MB (genai 73.2 MB).
-#   Greedy on 4 WikiText prompts (128 tokens, 32 new), tokens before the first difference from fp32: exact offsets
-#   32/18/32/32, this default 10/18/32/32, genai int4 0/0/0/0.
+#   159.86, down 161.74; PTB 40 windows: fp32 301.0, exact 302.53, o_proj rounded 303.09. But parity against the
+#   PyTorch checkpoint (L128, batch 1) gives o_proj rounded mean KL 0.025 / 0.059 (text / random: FAILS the 0.05
+#   gate) against 0.005 / 0.008 exact; greedy on 4 WikiText prompts (128 + 32 tokens), tokens before the first
+#   difference from fp32: exact 32/18/32/32, o_proj rounded 10/18/32/32, genai int4 0/0/0/0. So it is not the default.
+#   bench_quantized.py with the default (gate/up packed, exact offsets), 2 threads, 14 interleaved repetitions, load
+#   1.2 before / 4.1 after (another engineer's jobs on the 2 cores): ours int4 8.03 ms/step, genai int4 6.16:
+#   0.757 [0.692-0.777] x genai; 13.7 [9.6-29.2] x PyTorch fp32 eager on the original; PPL 60 windows int4 144.81
+#   vs fp32 144.35 (1.003x; int8 145.32, genai int4 238.92); 99.5 MB (genai 73.2 MB). (With o_proj rounded, load
+#   4.0-4.2, 7 repetitions: 0.786 [0.763-0.823] x genai, 29.8 [26.5-39.0] x eager, PPL 144.88, 98.5 MB.)
 #   The 1.0x goal is not reached: the exact offsets that keep PPL within 0.3% cost ~3 nodes per projection, and the
 #   int8 head (the int4 one costs 13% PPL) ~0.5 ms; genai's layout is that fast only because it drops both (+65% PPL).
 DEFAULT_METHOD = {4: "hqq", 8: "rtn"}
@@ -135,8 +136,9 @@ class QuantOptions:
                          "--optimize)", choices=FORMATS, flag="--quant-format")  # fmt: skip
     pack: bool = option(True, "merge the MatMulNBits that share an input (gate/up) into one node + Split",
                         cli=False)
-    attn_out_offset: bool = option(False, "hqq: keep the exact fractional-zero offset on the attention output "
-                                   "projection too (default: its zeros rounded, no offset chain)", cli=False)  # fmt: skip
+    attn_out_offset: bool = option(True, "hqq: the exact fractional-zero offset on the attention output projection "
+                                   "too; False: its zeros rounded, no offset chain (faster, fails int4 parity at "
+                                   "L128 on SmolLM2)", cli=False)  # fmt: skip
     float_zero_points: bool = option(False, "hqq: keep its float zero points (slow CPU path) instead of rounding to "
                                      "uint8", cli=False)  # fmt: skip
 
@@ -374,8 +376,8 @@ def _integer_zero_points(graph, bits: int, block: int, rounded: set = frozenset(
     fast CPU kernel takes, exactly: (q - z) * s = (q - round(z)) * s - (z - round(z)) * s, so the node keeps hqq's
     codes and scales with zero round(z), and the fractional part becomes a per-block offset C [K/block, N] added as
     (x summed over each block of K) @ C (Reshape -> ReduceSum -> MatMul -> Add). The nodes named in `rounded` keep
-    round(z) only, with no offset (approximate; see DEFAULTS above: the attention output projection, whose rounding
-    costs +0.05% PPL on SmolLM2). Returns how many offset chains were written."""
+    round(z) only, with no offset (approximate; attn_out_offset=False: the attention output projection, whose rounding
+    costs +0.05% PPL on SmolLM2 but 5-7x the mean KL). Returns how many offset chains were written."""
     import numpy as np
     from onnx import helper, numpy_helper
 

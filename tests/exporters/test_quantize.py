@@ -286,13 +286,15 @@ def test_packing_gate_and_up_into_one_matmulnbits_keeps_the_logits(fp32_exports,
     assert np.abs(logits["packed"] - logits["apart"]).max() <= 1e-5 * max(1.0, np.abs(logits["apart"]).max())
 
 
-def test_default_int4_rounds_only_the_attention_output_projections_zero_points(fp32_exports, tmp_path):
-    """The default keeps the exact offset chain on every hqq MatMulNBits but the attention output projection
-    (o_proj: its zeros rounded, measured +0.05% PPL on SmolLM2), found in the fused and the portable graph."""
+def test_attn_out_offset_false_rounds_only_the_attention_output_projections_zero_points(fp32_exports, tmp_path):
+    """attn_out_offset=False keeps the exact offset chain on every hqq MatMulNBits but the attention output
+    projection (o_proj: its zeros rounded), found in the fused and the portable graph; the default keeps them all."""
     from shortened.exporters.quantize import quantize_export
 
+    q = quantize_export(fp32_exports["llama"], tmp_path / "default", "int4")["quantization"]
+    assert q["rounded_zero_points"] == 0 and q["offset_chains"] == _ops(tmp_path / "default").count("ReduceSum") > 0
     for fam in ("llama", "qwen2"):  # fused (GQA) and portable graphs
-        q = quantize_export(fp32_exports[fam], tmp_path / fam, "int4")["quantization"]
+        q = quantize_export(fp32_exports[fam], tmp_path / fam, "int4", quant={"attn_out_offset": False})["quantization"]
         ops = _ops(tmp_path / fam)
         assert q["rounded_zero_points"] == 2  # one o_proj per block, 2 blocks
         hqq = ops.count("MatMulNBits") - 1  # all but the int8 rtn head
