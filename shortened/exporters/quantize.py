@@ -9,8 +9,8 @@ norms, attention and the KV cache stay fp32.
 Methods (all onnxruntime's): rtn (its C++ round-to-nearest, `DefaultWeightOnlyQuantConfig`; the one
 onnxruntime-genai's builder uses), hqq (half-quadratic, asymmetric, 4 bits; its float
 zero points are rewritten to uint8 ones plus an exact per-block offset, for MatMulNBits' fast CPU kernel), gptq (Hessian
-from calibration activations, 4 bits; the calibration windows run through the fp32 graph). MatMulNBits nodes that share an input
-(gate and up) are packed into one node + Split after the quantizer, exactly.
+from calibration activations, 4 bits; the calibration windows run through the fp32 graph). MatMulNBits nodes that
+share an input (gate and up) are packed into one node + Split after the quantizer, exactly.
 
 The embedding: with tied embeddings (SmolLM2) and an rtn-quantized head, the Gather reads the head's own quantized
 table through GatherBlockQuantized (as genai's builder does), so the vocabulary table is stored once, in int4/int8.
@@ -107,8 +107,10 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 #   bench_quantized.py with the default (gate/up packed, exact offsets), 2 threads, 14 interleaved repetitions, load
 #   1.2 before / 4.1 after (another engineer's jobs on the 2 cores): ours int4 8.03 ms/step, genai int4 6.16:
 #   0.757 [0.692-0.777] x genai; 13.7 [9.6-29.2] x PyTorch fp32 eager on the original; PPL 60 windows int4 144.81
-#   vs fp32 144.35 (1.003x; int8 145.32, genai int4 238.92); 99.5 MB (genai 73.2 MB). (With o_proj rounded, load
-#   4.0-4.2, 7 repetitions: 0.786 [0.763-0.823] x genai, 29.8 [26.5-39.0] x eager, PPL 144.88, 98.5 MB.)
+#   vs fp32 144.35 (1.003x; int8 145.32, genai int4 238.92); 99.5 MB (genai 73.2 MB). A second run (--skip-ppl,
+#   9 repetitions, load 5.3 / 4.1): 12.20 vs 8.82 ms, 0.702 [0.636-0.855] x genai, 14.8 [13.6-38.9] x eager.
+#   (With o_proj rounded, load 4.0-4.2, 7 repetitions: 0.786 [0.763-0.823] x genai, 29.8 [26.5-39.0] x eager,
+#   PPL 144.88, 98.5 MB.)
 #   The 1.0x goal is not reached: the exact offsets that keep PPL within 0.3% cost ~3 nodes per projection, and the
 #   int8 head (the int4 one costs 13% PPL) ~0.5 ms; genai's layout is that fast only because it drops both (+65% PPL).
 DEFAULT_METHOD = {4: "hqq", 8: "rtn"}
@@ -134,8 +136,7 @@ class QuantOptions:
                              "table", cli=False)  # fmt: skip
     format: str = option("qoperator", "qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no "
                          "--optimize)", choices=FORMATS, flag="--quant-format")  # fmt: skip
-    pack: bool = option(True, "merge the MatMulNBits that share an input (gate/up) into one node + Split",
-                        cli=False)
+    pack: bool = option(True, "merge the MatMulNBits that share an input (gate/up) into one node + Split", cli=False)
     attn_out_offset: bool = option(True, "hqq: the exact fractional-zero offset on the attention output projection "
                                    "too; False: its zeros rounded, no offset chain (faster, fails int4 parity at "
                                    "L128 on SmolLM2)", cli=False)  # fmt: skip
