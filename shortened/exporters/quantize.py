@@ -9,7 +9,8 @@ norms, attention and the KV cache stay fp32.
 Methods (all onnxruntime's): rtn (its C++ round-to-nearest, `DefaultWeightOnlyQuantConfig`; the one
 onnxruntime-genai's builder uses), hqq (half-quadratic, asymmetric, 4 bits; its float
 zero points are rewritten to uint8 ones plus an exact per-block offset, for MatMulNBits' fast CPU kernel), gptq (Hessian
-from calibration activations, 4 bits; the calibration windows run through the fp32 graph).
+from calibration activations, 4 bits; the calibration windows run through the fp32 graph). MatMulNBits nodes that
+share an input (gate and up) are packed into one node + Split after the quantizer, exactly.
 
 The embedding: with tied embeddings (SmolLM2) and an rtn-quantized head, the Gather reads the head's own quantized
 table through GatherBlockQuantized (as genai's builder does), so the vocabulary table is stored once, in int4/int8.
@@ -79,6 +80,39 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # int4 step (the offset matmuls); gptq and accuracy levels were not measured in this round.
 # Caveat: this SmolLM2 is dequantized from a Q4_1 GGUF: its block weights hold ~13 distinct values per block of 32
 # (a 4-bit grid with a per-block offset), which hqq at block 32 nearly recovers; the int4 figures above flatter int4.
+# Issue 13 round (onnxruntime 1.32, onnxruntime-genai 0.18; 2 threads; ratios side by side in one process, median
+# [min-max] of 5-10 interleaved repetitions of a 32-token decode after a 128-token prompt, in genai's runtime):
+#   where the time goes (enable_profiling, 30 decode steps, kernel us/step): genai's int4 4184 = MatMulNBits 2776
+#   (121 nodes: packed qkv, o, gate, up, down, head) + GQA 803 + SkipSimplifiedLN 312 + the rest; ours (gate/up
+#   packed) 6418 = MatMulNBits 2960 (97 nodes, with the int8 head: twice the int4 head's bytes) + the offset chains
+#   MatMul 764 + Add 426 + ReduceSum 401 + Reshape 376 (96 each) + Split 115: the chains are dispatch, not bandwidth
+#   (~7 us each; their fp32 offsets are 10 MB a step against 42 MB of int4 weights). Both graphs pack q/k/v into one
+#   MatMulNBits (onnxscript's fusion does it for us); genai keeps gate and up apart; every MatMulNBits of both runs
+#   accuracy level 4; the session options (threads, spinning) are the same.
+#   variant (load 0.2-0.6 unless named)                    ms/step  vs genai int4       WikiText-2 60 windows
+#   genai int4 (rtn sym, int4 head)                          2.92     1.00                238.92 (fp32 144.35)
+#   before this round (7 chains a block, int8 head)          4.35     0.68 [0.66-0.69]    144.81
+#   same with no offset chains at all (wrong numerics)       3.43     0.86 [0.83-0.87]    - (the bound on chains)
+#   same with an int4 rtn head (shared embedding)            3.84     0.77 [0.74-0.83]    +13% (8 windows, above)
+#   gate/up packed into one MatMulNBits + Split (kept)       4.39     0.71 [0.65-0.75] (base 0.68 in the same run)
+#   + offset matmuls as int8 MatMulNBits (not kept)          4.35     0.68 [0.66-0.71] (pack 0.70): no gain
+#   + block sums as extra columns of the node (not kept)              0.98 [0.81-1.22] of pack (load 3.8): no gain
+#   + hqq int4 head with its own offset (not kept)                    0.71 vs pack 0.69 (load 3.9): no clear gain
+#   + o_proj zeros rounded, no chain (attn_out_offset=False) 12.85*  0.73 [0.66-0.85] (pack 0.67; *load 3.4)
+#   rounding one projection's zeros, WikiText-2 60 windows: o_proj 144.88 (+0.05% over exact), qkv 164.01, gate/up
+#   159.86, down 161.74; PTB 40 windows: fp32 301.0, exact 302.53, o_proj rounded 303.09. But parity against the
+#   PyTorch checkpoint (L128, batch 1) gives o_proj rounded mean KL 0.025 / 0.059 (text / random: FAILS the 0.05
+#   gate) against 0.005 / 0.008 exact; greedy on 4 WikiText prompts (128 + 32 tokens), tokens before the first
+#   difference from fp32: exact 32/18/32/32, o_proj rounded 10/18/32/32, genai int4 0/0/0/0. So it is not the default.
+#   bench_quantized.py with the default (gate/up packed, exact offsets), 2 threads, 14 interleaved repetitions, load
+#   1.2 before / 4.1 after (another engineer's jobs on the 2 cores): ours int4 8.03 ms/step, genai int4 6.16:
+#   0.757 [0.692-0.777] x genai; 13.7 [9.6-29.2] x PyTorch fp32 eager on the original; PPL 60 windows int4 144.81
+#   vs fp32 144.35 (1.003x; int8 145.32, genai int4 238.92); 99.5 MB (genai 73.2 MB). A second run (--skip-ppl,
+#   9 repetitions, load 5.3 / 4.1): 12.20 vs 8.82 ms, 0.702 [0.636-0.855] x genai, 14.8 [13.6-38.9] x eager.
+#   (With o_proj rounded, load 4.0-4.2, 7 repetitions: 0.786 [0.763-0.823] x genai, 29.8 [26.5-39.0] x eager,
+#   PPL 144.88, 98.5 MB.)
+#   The 1.0x goal is not reached: the exact offsets that keep PPL within 0.3% cost ~3 nodes per projection, and the
+#   int8 head (the int4 one costs 13% PPL) ~0.5 ms; genai's layout is that fast only because it drops both (+65% PPL).
 DEFAULT_METHOD = {4: "hqq", 8: "rtn"}
 DEFAULT_HEAD_BITS = {4: 8, 8: 8}
 
@@ -102,6 +136,10 @@ class QuantOptions:
                              "table", cli=False)  # fmt: skip
     format: str = option("qoperator", "qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no "
                          "--optimize)", choices=FORMATS, flag="--quant-format")  # fmt: skip
+    pack: bool = option(True, "merge the MatMulNBits that share an input (gate/up) into one node + Split", cli=False)
+    attn_out_offset: bool = option(True, "hqq: the exact fractional-zero offset on the attention output projection "
+                                   "too; False: its zeros rounded, no offset chain (faster, fails int4 parity at "
+                                   "L128 on SmolLM2)", cli=False)  # fmt: skip
     float_zero_points: bool = option(False, "hqq: keep its float zero points (slow CPU path) instead of rounding to "
                                      "uint8", cli=False)  # fmt: skip
 
@@ -277,8 +315,11 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     for b, excl, o, ops in passes:
         model = _run_quantizer(model, b, o, excl, _config(o, b, calib_reader, ops))
     out = model
+    packed = _pack_shared_inputs(out.graph) if opts.pack and qop else 0
+    chains, rounded = 0, set()
     if opts.method == "hqq" and not opts.float_zero_points and qop:
-        _integer_zero_points(out.graph, bits, opts.block_size)
+        rounded = set() if opts.attn_out_offset else _attention_output_projections(out.graph)
+        chains = _integer_zero_points(out.graph, bits, opts.block_size, rounded)
     if opts.accuracy_level and qop:  # hqq and gptq write no accuracy level: the same compute for every method
         from onnx import helper
 
@@ -297,7 +338,8 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
         embedding = "quantized int4 (GatherBlockQuantized)"
     record = {**asdict(opts), "bits": bits, "symmetric": opts.symmetric and opts.method != "hqq",
               "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-              "matmuls": n_matmul, "quantized_matmuls": quantized, "head_quantized": bool(opts.head and head),
+              "matmuls": n_matmul, "quantized_matmuls": quantized + packed, "packed_matmuls": packed,
+              "offset_chains": chains, "rounded_zero_points": len(rounded), "head_quantized": bool(opts.head and head),
               "head_bits": head_bits if opts.head and head else None, "tied_embeddings": tied,
               "head_method": head_method if opts.head and head else None,
               "embedding_table": embedding, "activations": "float32"}  # fmt: skip
@@ -306,11 +348,37 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     return out, record
 
 
-def _integer_zero_points(graph, bits: int, block: int) -> int:
+def _attention_output_projections(graph) -> set:
+    """Names of the MatMulNBits nodes that read an attention output (o_proj): the output of a GroupQueryAttention /
+    Attention / MultiHeadAttention node (fused graph), or of a Reshape/Transpose chain from a MatMul of two computed
+    tensors (probs @ V, portable graph)."""
+    inits = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def is_attention(name: str) -> bool:
+        for _ in range(4):
+            n = producer.get(name)
+            if n is None:
+                return False
+            if n.op_type in ("GroupQueryAttention", "Attention", "MultiHeadAttention"):
+                return True
+            if n.op_type == "MatMul":
+                return not any(i in inits for i in n.input)
+            if n.op_type not in ("Reshape", "Transpose"):
+                return False
+            name = n.input[0]
+        return False
+
+    return {n.name for n in graph.node if n.op_type == "MatMulNBits" and is_attention(n.input[0])}
+
+
+def _integer_zero_points(graph, bits: int, block: int, rounded: set = frozenset()) -> int:
     """Rewrite each MatMulNBits with float zero points (hqq) to packed uint8 zero points, the layout MatMulNBits'
     fast CPU kernel takes, exactly: (q - z) * s = (q - round(z)) * s - (z - round(z)) * s, so the node keeps hqq's
     codes and scales with zero round(z), and the fractional part becomes a per-block offset C [K/block, N] added as
-    (x summed over each block of K) @ C (Reshape -> ReduceSum -> MatMul -> Add). Returns how many nodes."""
+    (x summed over each block of K) @ C (Reshape -> ReduceSum -> MatMul -> Add). The nodes named in `rounded` keep
+    round(z) only, with no offset (approximate; attn_out_offset=False: the attention output projection, whose rounding
+    costs +0.05% PPL on SmolLM2 but 5-7x the mean KL). Returns how many offset chains were written."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -336,6 +404,8 @@ def _integer_zero_points(graph, bits: int, block: int) -> int:
             zb = np.concatenate([zb, np.zeros((cols, kb % 2), np.uint8)], 1)
             zb = zb[:, 0::2] | (zb[:, 1::2] << 4)
         inits[n.input[3]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(zb.reshape(-1)), n.input[3]))
+        if n.name in rounded:
+            continue
         base, out = n.name or f"nbits{count}", n.output[0]
         for name, arr in ((f"{base}/blocks", np.array([0, 0, kb, block], np.int64)),
                           (f"{base}/axis", np.array([-1], np.int64)), (f"{base}/offset", offset)):  # fmt: skip
@@ -354,6 +424,58 @@ def _integer_zero_points(graph, bits: int, block: int) -> int:
             graph.node.insert(i + 1 + j, e)
         count += 1
     return count
+
+
+def _pack_shared_inputs(graph) -> int:
+    """Merge the MatMulNBits nodes that read the same input with the same K, bits, block size and accuracy level
+    (gate and up; q, k, v when the graph has them apart) into one node whose N is the sum of theirs, followed by a
+    Split back to the original outputs: the weights, scales and zero points are stored N-major, so the merge is a
+    concatenation and exact. One kernel launch instead of several, and (hqq) one block-sum offset chain per input.
+    Returns how many nodes were merged away."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    groups: dict = {}
+    for n in graph.node:
+        if n.op_type != "MatMulNBits" or len(n.input) < 3 or len(n.input) > 4:
+            continue
+        if not all(x in inits for x in n.input[1:]):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        zp = inits[n.input[3]].data_type if len(n.input) == 4 else None
+        key = (n.input[0], attrs.get("K"), attrs.get("bits", 4), attrs.get("block_size"),
+               attrs.get("accuracy_level", 0), zp, tuple(sorted(set(attrs) - {"N"})))  # fmt: skip
+        groups.setdefault(key, []).append((n, attrs))
+    merged = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        nodes = [m for m, _ in members]
+        sizes = [int(a["N"]) for _, a in members]
+        first = nodes[0]
+        base = f"{first.name}/packed"
+        cat = []
+        for j in range(1, len(first.input)):
+            arrs = [numpy_helper.to_array(inits[m.input[j]]) for m in nodes]
+            cat.append(numpy_helper.from_array(np.ascontiguousarray(np.concatenate(arrs, 0)), f"{base}/in{j}"))
+        graph.initializer.extend(cat)
+        attrs = {**members[0][1], "N": sum(sizes)}
+        packed = helper.make_node("MatMulNBits", [first.input[0]] + [t.name for t in cat], [f"{base}/out"],
+                                  name=base, domain=first.domain, **attrs)  # fmt: skip
+        split_sizes = numpy_helper.from_array(np.array(sizes, np.int64), f"{base}/split")
+        graph.initializer.append(split_sizes)
+        split = helper.make_node("Split", [f"{base}/out", split_sizes.name], [m.output[0] for m in nodes],
+                                 axis=-1, name=f"{base}/Split")  # fmt: skip
+        i = list(graph.node).index(first)
+        for m in nodes:
+            graph.node.remove(m)
+        graph.node.insert(i, packed)
+        graph.node.insert(i + 1, split)
+        merged += len(nodes) - 1
+    if merged:
+        _drop_unused_initializers(graph)
+    return merged
 
 
 def _drop_unused_initializers(graph) -> None:
