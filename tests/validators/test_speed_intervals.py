@@ -54,6 +54,26 @@ def test_resolved_needs_a_narrow_interval_for_every_model():
     assert not resolved(noisy, "original", 0.03)  # one unresolved model keeps the measurement going
 
 
+def test_resolved_also_settles_depth_against_width():
+    base = [0.01] * 12
+    # candidate and width each within +-3% of their speedup over the original, but their noise runs opposite
+    # ways: depth against width is neither decided nor narrow, so the measurement goes on
+    e = [0.025 * (-1) ** i for i in range(12)]
+    cand = [t / 1.20 * (1 + x) for t, x in zip(base, e)]
+    close = _runs(base, cand)
+    close["width"] = [{"prefill_s": 1.0, "decode_s": [t / 1.19 * (1 - x)] * 4} for t, x in zip(base, e)]
+    dw = speedup_stats(pairwise_speedups([np.mean(r["decode_s"]) for r in close["width"]], cand))
+    assert dw["verdict"] == "not resolved" and dw["ci_half_rel"] > 0.03
+    assert not resolved(close, "original", 0.03)
+    assert resolved({k: close[k] for k in ("original", "candidate")}, "original", 0.03)  # the first rule alone
+    apart = _runs(base, [b / 1.2 for b in base])  # width clearly slower: decided, so resolved
+    apart["width"] = [{"prefill_s": 1.0, "decode_s": [b / 1.1] * 4} for b in base]
+    assert resolved(apart, "original", 0.03)
+    same = _runs(base, [b / 1.2 for b in base])  # equal within the target: settled too
+    same["width"] = [{"prefill_s": 1.0, "decode_s": [b / 1.2 * 1.001] * 4} for b in base]
+    assert resolved(same, "original", 0.03)
+
+
 def test_rows_carry_intervals_depth_vs_width_and_the_ideal_flag():
     base = [0.010, 0.011, 0.010, 0.012, 0.010]
     runs = _runs(base, [b / 1.5 for b in base])
