@@ -98,12 +98,12 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 #   + offset matmuls as int8 MatMulNBits (not kept)          4.35     0.68 [0.66-0.71] (pack 0.70): no gain
 #   + block sums as extra columns of the node (not kept)              0.98 [0.81-1.22] of pack (load 3.8): no gain
 #   + hqq int4 head with its own offset (not kept)                    0.71 vs pack 0.69 (load 3.9): no clear gain
-#   + o_proj zeros rounded, no chain (attn_out_offset=False) 12.85*  0.73 [0.66-0.85] (pack 0.67; *load 3.4)
+#   + o_proj zeros rounded, no chain (not kept, below)       12.85*  0.73 [0.66-0.85] (pack 0.67; *load 3.4)
 #   rounding one projection's zeros, WikiText-2 60 windows: o_proj 144.88 (+0.05% over exact), qkv 164.01, gate/up
 #   159.86, down 161.74; PTB 40 windows: fp32 301.0, exact 302.53, o_proj rounded 303.09. But parity against the
 #   PyTorch checkpoint (L128, batch 1) gives o_proj rounded mean KL 0.025 / 0.059 (text / random: FAILS the 0.05
 #   gate) against 0.005 / 0.008 exact; greedy on 4 WikiText prompts (128 + 32 tokens), tokens before the first
-#   difference from fp32: exact 32/18/32/32, o_proj rounded 10/18/32/32, genai int4 0/0/0/0. So it is not the default.
+#   difference from fp32: exact 32/18/32/32, o_proj rounded 10/18/32/32, genai int4 0/0/0/0. So it was not kept.
 #   bench_quantized.py with the default (gate/up packed, exact offsets), 2 threads, 14 interleaved repetitions, load
 #   1.2 before / 4.1 after (another engineer's jobs on the 2 cores): ours int4 8.03 ms/step, genai int4 6.16:
 #   0.757 [0.692-0.777] x genai; 13.7 [9.6-29.2] x PyTorch fp32 eager on the original; PPL 60 windows int4 144.81
@@ -137,9 +137,6 @@ class QuantOptions:
     format: str = option("qoperator", "qdq: DequantizeLinear -> MatMul (standard ONNX, for TensorRT; int4 rtn, no "
                          "--optimize)", choices=FORMATS, flag="--quant-format")  # fmt: skip
     pack: bool = option(True, "merge the MatMulNBits that share an input (gate/up) into one node + Split", cli=False)
-    attn_out_offset: bool = option(True, "hqq: the exact fractional-zero offset on the attention output projection "
-                                   "too; False: its zeros rounded, no offset chain (faster, fails int4 parity at "
-                                   "L128 on SmolLM2)", cli=False)  # fmt: skip
     float_zero_points: bool = option(False, "hqq: keep its float zero points (slow CPU path) instead of rounding to "
                                      "uint8", cli=False)  # fmt: skip
 
@@ -316,10 +313,9 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
         model = _run_quantizer(model, b, o, excl, _config(o, b, calib_reader, ops))
     out = model
     packed = _pack_shared_inputs(out.graph) if opts.pack and qop else 0
-    chains, rounded = 0, set()
+    chains = 0
     if opts.method == "hqq" and not opts.float_zero_points and qop:
-        rounded = set() if opts.attn_out_offset else _attention_output_projections(out.graph)
-        chains = _integer_zero_points(out.graph, bits, opts.block_size, rounded)
+        chains = _integer_zero_points(out.graph, bits, opts.block_size)
     if opts.accuracy_level and qop:  # hqq and gptq write no accuracy level: the same compute for every method
         from onnx import helper
 
@@ -339,7 +335,7 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     record = {**asdict(opts), "bits": bits, "symmetric": opts.symmetric and opts.method != "hqq",
               "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
               "matmuls": n_matmul, "quantized_matmuls": quantized + packed, "packed_matmuls": packed,
-              "offset_chains": chains, "rounded_zero_points": len(rounded), "head_quantized": bool(opts.head and head),
+              "offset_chains": chains, "head_quantized": bool(opts.head and head),
               "head_bits": head_bits if opts.head and head else None, "tied_embeddings": tied,
               "head_method": head_method if opts.head and head else None,
               "embedding_table": embedding, "activations": "float32"}  # fmt: skip
@@ -348,37 +344,12 @@ def quantize_proto(model, bits: int, opts: QuantOptions, config, calib_reader=No
     return out, record
 
 
-def _attention_output_projections(graph) -> set:
-    """Names of the MatMulNBits nodes that read an attention output (o_proj): the output of a GroupQueryAttention /
-    Attention / MultiHeadAttention node (fused graph), or of a Reshape/Transpose chain from a MatMul of two computed
-    tensors (probs @ V, portable graph)."""
-    inits = {t.name for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-
-    def is_attention(name: str) -> bool:
-        for _ in range(4):
-            n = producer.get(name)
-            if n is None:
-                return False
-            if n.op_type in ("GroupQueryAttention", "Attention", "MultiHeadAttention"):
-                return True
-            if n.op_type == "MatMul":
-                return not any(i in inits for i in n.input)
-            if n.op_type not in ("Reshape", "Transpose"):
-                return False
-            name = n.input[0]
-        return False
-
-    return {n.name for n in graph.node if n.op_type == "MatMulNBits" and is_attention(n.input[0])}
-
-
-def _integer_zero_points(graph, bits: int, block: int, rounded: set = frozenset()) -> int:
+def _integer_zero_points(graph, bits: int, block: int) -> int:
     """Rewrite each MatMulNBits with float zero points (hqq) to packed uint8 zero points, the layout MatMulNBits'
     fast CPU kernel takes, exactly: (q - z) * s = (q - round(z)) * s - (z - round(z)) * s, so the node keeps hqq's
     codes and scales with zero round(z), and the fractional part becomes a per-block offset C [K/block, N] added as
-    (x summed over each block of K) @ C (Reshape -> ReduceSum -> MatMul -> Add). The nodes named in `rounded` keep
-    round(z) only, with no offset (approximate; attn_out_offset=False: the attention output projection, whose rounding
-    costs +0.05% PPL on SmolLM2 but 5-7x the mean KL). Returns how many offset chains were written."""
+    (x summed over each block of K) @ C (Reshape -> ReduceSum -> MatMul -> Add). Returns how many offset chains
+    were written."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -404,8 +375,6 @@ def _integer_zero_points(graph, bits: int, block: int, rounded: set = frozenset(
             zb = np.concatenate([zb, np.zeros((cols, kb % 2), np.uint8)], 1)
             zb = zb[:, 0::2] | (zb[:, 1::2] << 4)
         inits[n.input[3]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(zb.reshape(-1)), n.input[3]))
-        if n.name in rounded:
-            continue
         base, out = n.name or f"nbits{count}", n.output[0]
         for name, arr in ((f"{base}/blocks", np.array([0, 0, kb, block], np.int64)),
                           (f"{base}/axis", np.array([-1], np.int64)), (f"{base}/offset", offset)):  # fmt: skip

@@ -57,19 +57,17 @@ def resolved(runs: dict, baseline: str, target: float) -> bool:
     decode = {name: [float(np.mean(r["decode_s"])) for r in reps] for name, reps in runs.items()}
     if len(decode[baseline]) < 3:
         return False
-    for name, times in decode.items():
-        if name == baseline:
-            continue
-        ratios = pairwise_speedups(decode[baseline], times)
-        lo, hi = bootstrap_ci(ratios)
-        if not (hi - lo) / 2 <= target * float(np.median(ratios)):
-            return False
+
+    def narrow(st: dict) -> bool:
+        return st["ci_half_rel"] is not None and st["ci_half_rel"] <= target
+
     others = [n for n in decode if n != baseline]
+    if not all(narrow(speedup_stats(pairwise_speedups(decode[baseline], decode[n]))) for n in others):
+        return False
     for i, a in enumerate(others):
         for b in others[i + 1 :]:
-            ratios = pairwise_speedups(decode[a], decode[b])
-            lo, hi = bootstrap_ci(ratios)
-            if not (lo > 1 or hi < 1 or (hi - lo) / 2 <= target * float(np.median(ratios))):
+            st = speedup_stats(pairwise_speedups(decode[a], decode[b]))
+            if st["verdict"] not in ("faster", "slower") and not narrow(st):
                 return False
     return True
 

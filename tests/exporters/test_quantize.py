@@ -248,7 +248,7 @@ def test_hqq_uint8_zero_points_are_exactly_its_float_ones(fp32_exports, tmp_path
 
     out = {}
     for name, extra in (("uint8", {}), ("float", {"float_zero_points": True})):
-        quant = {"method": "hqq", "accuracy_level": 1, "attn_out_offset": True, **extra}
+        quant = {"method": "hqq", "accuracy_level": 1, **extra}
         quantize_export(fp32_exports["llama"], tmp_path / name, "int4", quant=quant)
         out[name] = tmp_path / name
     g = onnx.load(str(out["uint8"] / "model.onnx")).graph
@@ -278,24 +278,10 @@ def test_packing_gate_and_up_into_one_matmulnbits_keeps_the_logits(fp32_exports,
         ops[name] = _ops(tmp_path / name)
         q = rec["quantization"]
         assert q["quantized_matmuls"] == q["matmuls"] and q["packed_matmuls"] == (2 if pack else 0)  # 2 blocks
+        assert q["offset_chains"] == ops[name].count("ReduceSum") > 0  # every hqq node's chain, as recorded
         r = load_ort_runner(tmp_path / name)
         logits[name], _ = r.step(ids, np.ones_like(ids), np.broadcast_to(np.arange(9), ids.shape).copy(), None)
     assert ops["packed"].count("MatMulNBits") == ops["apart"].count("MatMulNBits") - 2
     assert ops["packed"].count("Split") == ops["apart"].count("Split") + 2
     assert ops["packed"].count("ReduceSum") == ops["apart"].count("ReduceSum") - 2  # one block-sum chain per input
     assert np.abs(logits["packed"] - logits["apart"]).max() <= 1e-5 * max(1.0, np.abs(logits["apart"]).max())
-
-
-def test_attn_out_offset_false_rounds_only_the_attention_output_projections_zero_points(fp32_exports, tmp_path):
-    """attn_out_offset=False keeps the exact offset chain on every hqq MatMulNBits but the attention output
-    projection (o_proj: its zeros rounded), found in the fused and the portable graph; the default keeps them all."""
-    from shortened.exporters.quantize import quantize_export
-
-    q = quantize_export(fp32_exports["llama"], tmp_path / "default", "int4")["quantization"]
-    assert q["rounded_zero_points"] == 0 and q["offset_chains"] == _ops(tmp_path / "default").count("ReduceSum") > 0
-    for fam in ("llama", "qwen2"):  # fused (GQA) and portable graphs
-        q = quantize_export(fp32_exports[fam], tmp_path / fam, "int4", quant={"attn_out_offset": False})["quantization"]
-        ops = _ops(tmp_path / fam)
-        assert q["rounded_zero_points"] == 2  # one o_proj per block, 2 blocks
-        hqq = ops.count("MatMulNBits") - 1  # all but the int8 rtn head
-        assert q["offset_chains"] == hqq - 2 == ops.count("ReduceSum")
