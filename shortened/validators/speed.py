@@ -83,7 +83,7 @@ def bench(artifacts: dict, backend: str, options: SpeedOptions, optimize: bool =
     specs = [ModelSpec(name, str(a.path), backend, config_path=str(a.checkpoint)) for name, a in artifacts.items()]
     raw = measure(specs, options, baseline="original", progress=progress)
     _add_costs(raw["models"], configs, options)
-    rows = build_rows(raw["runs"])
+    rows = build_rows(raw["runs"], equal_within=options.ci_target)
     flag_above_ideal(rows, raw["models"])
     return SpeedReport(backend, _settings(options, optimize, raw), raw["models"], rows, raw["skipped"])
 

@@ -111,9 +111,10 @@ def _fmt(st: dict, digits: int = 1, unit: str = "") -> str:
     return f"{st['median']:.{digits}f}{unit} ({st['p90']:.{digits}f})"
 
 
-def build_rows(runs: dict, baseline: str = "original") -> list[dict]:
+def build_rows(runs: dict, baseline: str = "original", equal_within: float | None = None) -> list[dict]:
     """Per (batch, model): prefill ms, decode ms per token and tokens/s (median, p10, p90 over repetitions), and
-    the decode and prefill speedups over `baseline` computed repetition by repetition."""
+    the decode and prefill speedups over `baseline` computed repetition by repetition. equal_within: the margin
+    (the speed step's ci_target) inside which depth against width is called equal."""
     rows = []
     for b, per_model in runs.items():
         base = per_model.get(baseline)
@@ -141,7 +142,7 @@ def build_rows(runs: dict, baseline: str = "original") -> list[dict]:
             r = next(x for x in rows if x["batch"] == b and x["model"] == "candidate")
             ratios = pairwise_speedups([float(np.mean(x["decode_s"])) for x in width],
                                        [float(np.mean(x["decode_s"])) for x in cand])  # fmt: skip
-            st = speedup_stats(ratios)
+            st = speedup_stats(ratios, equal_within=equal_within)
             st["verdict"] = {"faster": "depth faster", "slower": "width faster"}.get(st["verdict"], st["verdict"])
             r["depth_vs_width"] = st
     return rows

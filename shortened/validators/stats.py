@@ -1,6 +1,7 @@
 """The statistics of the speed measurement: medians and percentiles over repetitions, speedups computed pair by
 pair (A_i / B_i within repetition i, never a ratio of two medians), their percentile-bootstrap interval, and the
-verdict it allows ("faster" / "slower" only where the interval excludes 1)."""
+verdict it allows ("faster" / "slower" only where the interval excludes 1; "equal within +-t" where it contains 1
+and lies inside [1 - t, 1 + t])."""
 
 from __future__ import annotations
 
@@ -27,11 +28,17 @@ def bootstrap_ci(ratios, level: float = 0.95, n_boot: int = 2000, seed: int = 0)
     return float(np.quantile(meds, a)), float(np.quantile(meds, 1 - a))
 
 
-def speedup_stats(ratios, ideal: float | None = None, level: float = 0.95) -> dict:
+def equal_verdict(margin: float) -> str:
+    return f"equal within {margin:.0%}"
+
+
+def speedup_stats(ratios, ideal: float | None = None, level: float = 0.95, equal_within: float | None = None) -> dict:
     """Median, interval, relative half-width and verdict of paired speedups.
 
-    verdict: "faster" / "slower" when the interval lies above / below 1, else "not resolved" (the interval is wider
-    than the effect). above_ideal: the interval's lower end exceeds the FLOP ideal."""
+    verdict: "faster" / "slower" when the interval lies above / below 1; "equal within N%" when it contains 1 but
+    lies inside [1 - equal_within, 1 + equal_within] (an equivalence test: the difference is shown to be smaller
+    than the margin); else "not resolved" (the interval is wider than the effect). above_ideal: the interval's
+    lower end exceeds the FLOP ideal."""
     st = summarize(ratios)
     if st["median"] is None:
         return {**st, "ci_low": None, "ci_high": None, "ci_half_rel": None, "verdict": "not measured"}
@@ -41,6 +48,8 @@ def speedup_stats(ratios, ideal: float | None = None, level: float = 0.95) -> di
                 "verdict": "not resolved"}  # fmt: skip
     half = (hi - lo) / 2 / st["median"]
     verdict = "faster" if lo > 1 else "slower" if hi < 1 else "not resolved"
+    if verdict == "not resolved" and equal_within and lo >= 1 - equal_within and hi <= 1 + equal_within:
+        verdict = equal_verdict(equal_within)
     out = {**st, "ci_low": lo, "ci_high": hi, "ci_level": level, "ci_half_rel": half, "verdict": verdict}
     if ideal:
         out["above_ideal"] = bool(lo > ideal)
@@ -49,11 +58,12 @@ def speedup_stats(ratios, ideal: float | None = None, level: float = 0.95) -> di
 
 def resolved(runs: dict, baseline: str, target: float) -> bool:
     """Whether the measurement can stop: every model's decode speedup over `baseline` has an interval within
-    +-target (relative), and every comparison between two other models (depth against width) is settled: its
-    interval excludes 1 or is itself within +-target. Two runs that stopped on the first rule alone gave the
-    depth-vs-width comparison "not resolved" and then "depth faster" (1.034 [0.975, 1.060] after 7 repetitions,
-    1.037 [1.012, 1.044] after 30). runs: {name: [{"decode_s": [...]}, ...]} of one batch size, repetitions paired
-    by index."""
+    +-target (relative), and every comparison between two other models (depth against width) has a verdict: its
+    interval excludes 1, or lies inside [1 - target, 1 + target] ("equal within"). A narrow interval that straddles
+    1 and reaches past the margin settles nothing. Two runs that stopped on the first rule alone gave "not
+    resolved" and then "depth faster" (1.034 [0.975, 1.060] after 7 repetitions, 1.037 [1.012, 1.044] after 30);
+    with "narrow" as the second rule, 1.037 [0.986, 1.045] (12) and "depth faster" 1.031 [1.008, 1.043] (6).
+    runs: {name: [{"decode_s": [...]}, ...]} of one batch size, repetitions paired by index."""
     decode = {name: [float(np.mean(r["decode_s"])) for r in reps] for name, reps in runs.items()}
     if len(decode[baseline]) < 3:
         return False
@@ -66,8 +76,8 @@ def resolved(runs: dict, baseline: str, target: float) -> bool:
         return False
     for i, a in enumerate(others):
         for b in others[i + 1 :]:
-            st = speedup_stats(pairwise_speedups(decode[a], decode[b]))
-            if st["verdict"] not in ("faster", "slower") and not narrow(st):
+            st = speedup_stats(pairwise_speedups(decode[a], decode[b]), equal_within=target)
+            if st["verdict"] == "not resolved":
                 return False
     return True
 

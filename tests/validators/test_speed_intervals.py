@@ -71,8 +71,28 @@ def test_resolved_also_settles_depth_against_width():
     apart["width"] = [{"prefill_s": 1.0, "decode_s": [b / 1.1] * 4} for b in base]
     assert resolved(apart, "original", 0.03)
     same = _runs(base, [b / 1.2 for b in base])  # equal within the target: settled too
-    same["width"] = [{"prefill_s": 1.0, "decode_s": [b / 1.2 * 1.001] * 4} for b in base]
+    wobble = [1 + 0.001 * (-1) ** i for i in range(12)]
+    same["width"] = [{"prefill_s": 1.0, "decode_s": [b / 1.2 * w] * 4} for b, w in zip(base, wobble)]
     assert resolved(same, "original", 0.03)
+    # narrow (+-2.5%) but straddling 1 and reaching past 1.03: what two runs once reported as "not resolved"
+    # and "depth faster"; it keeps the measurement going
+    e2 = [0.012 * (-1) ** i for i in range(12)]
+    straddle = _runs(base, [t / 1.20 * (1 + x) for t, x in zip(base, e2)])
+    straddle["width"] = [{"prefill_s": 1.0, "decode_s": [t / 1.20 * 1.018 * (1 - x)] * 4} for t, x in zip(base, e2)]
+    st = speedup_stats(
+        pairwise_speedups(
+            [np.mean(r["decode_s"]) for r in straddle["width"]], [np.mean(r["decode_s"]) for r in straddle["candidate"]]
+        ),
+        equal_within=0.03,
+    )
+    assert st["ci_low"] < 1 < st["ci_high"] and st["ci_high"] > 1.03 and st["ci_half_rel"] <= 0.03
+    assert st["verdict"] == "not resolved" and not resolved(straddle, "original", 0.03)
+
+
+def test_equal_within_the_margin_is_a_verdict():
+    assert speedup_stats([1.0, 1.01, 0.99, 1.0, 1.005], equal_within=0.03)["verdict"] == "equal within 3%"
+    assert speedup_stats([1.0, 1.01, 0.99, 1.0, 1.005])["verdict"] == "not resolved"  # no margin, no equivalence
+    assert speedup_stats([1.02, 1.03, 1.025, 1.02], equal_within=0.03)["verdict"] == "faster"  # excludes 1 first
 
 
 def test_rows_carry_intervals_depth_vs_width_and_the_ideal_flag():
