@@ -73,7 +73,7 @@ class PlanOptions:
     recover_samples: int = option(RECOVER_SAMPLES, "fitting windows of --seq-len tokens", min=1)
     recover_order: str = option("best", "fit the runs front to back on the model being pruned, each on the "
                                 "unpruned model, or both and keep the better", choices=ORDERS)  # fmt: skip
-    ridge: float = option(DEFAULT_RIDGE, "relative ridge term")
+    ridge: float = option(DEFAULT_RIDGE, "ridge term toward T = I (no change), relative to mean(diag MᵀM)")
     recover_always: bool = option(False, "prune: fold the map in even where it raises the calibration perplexity "
                                   "(default: where it helps)")  # fmt: skip
 

@@ -208,3 +208,17 @@ def test_budget_picks_largest_k_within_ratio(calib_file, tmp_path, make_tiny):
     p = load_model(str(tmp_path / "p"))
     got = perplexity(p.model, p.tokenizer, str(text), 32, max_windows=6, progress=False).ppl
     assert got == pytest.approx(row["heldout_ppl"], rel=1e-4)
+
+
+def test_ridge_shrinks_the_map_toward_the_identity():
+    from shortened.converter.recovery import solve
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    D = M @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    A, B = M.T @ M, M.T @ D
+    exact = torch.linalg.lstsq(M, D).solution
+    assert torch.allclose(solve(A, B, 0), exact, atol=1e-9)
+    assert torch.allclose(solve(A, B, 1e6), torch.eye(6, dtype=torch.float64), atol=1e-4)  # no change to the block
+    mid = solve(A, B, 1.0)  # in between: closer to I than the exact fit is
+    assert (mid - torch.eye(6, dtype=torch.float64)).norm() < (exact - torch.eye(6, dtype=torch.float64)).norm()
