@@ -28,7 +28,9 @@ RECOVER = ("auto", "none", "linear")  # auto: linear where there is calibration 
 # fitting windows (of --seq-len tokens). SmolLM2, span 12-17, WikiText-2 held out: 32 -> 110.2, 64 -> 109.4,
 # 128 -> 109.2
 # (10 windows over-fit: the prototype's 144 -> 168). Models with a wider hidden state need more tokens (>> hidden).
-RECOVER_SAMPLES = 64
+# 13-18 with the ridge toward I (0.1): 64 -> 103.85, 128 -> 102.47; the default prune (ppl scores, top-k and spans,
+# recovery) on 2 idle cores: 104 s wall with 64, 128 s with 128.
+RECOVER_SAMPLES = 128
 ORDERS = ("sequential", "independent", "best")
 # relative to mean(diag(M^T M)), toward T = I. SmolLM2, span 13-18, WikiText-2 held out (60 x 128), by fitting
 # windows: 64: toward 0 (the old default, 1e-4) 105.06; toward I 1e-2 104.74, 0.1 103.86, 1.0 105.41, 10 113.23;
