@@ -4,8 +4,8 @@ For each run of consecutive removed blocks, take the kept block p just before it
 M = p's MLP output, Y = p's output minus M, H = the hidden state leaving the run's last block in the unpruned
 model. T = argmin ||M T - (H - Y)||^2 + ridge ||T - I||^2 (M^T M and M^T (H - Y) summed in float64 over
 micro-batches), so p's output becomes Y + M T ~ H; the ridge shrinks T toward the identity, i.e. toward leaving the
-block as it is. Folding: W_down <- T^T W_down (nn.Linear; Conv1D: W T), the
-bias b <- b T. The checkpoint keeps its architecture and parameter count.
+block as it is. Folding: W_down <- T^T W_down (nn.Linear; Conv1D: W T), the bias b <- b T. The checkpoint keeps
+its architecture and parameter count.
 
 Everything here works from a `HiddenCache` of the unpruned model: a block before a removal sees exactly the
 input it saw in the full model, so every pruned variant (any removed set, any maps) starts from the cache.
@@ -34,7 +34,7 @@ RECOVER_SAMPLES = 128
 ORDERS = ("sequential", "independent", "best")
 # relative to mean(diag(M^T M)), toward T = I. SmolLM2, span 13-18, WikiText-2 held out (60 x 128), by fitting
 # windows: 64: toward 0 (the old default, 1e-4) 105.06; toward I 1e-2 104.74, 0.1 103.86, 1.0 105.41, 10 113.23;
-# 128: toward 0 102.57, toward I 0.03 102.42, 0.1 102.49, 0.3 103.07; 230 (all of corpus_en): 101.99, 101.93,
+# 128: toward 0 102.57, toward I 0.03 102.42, 0.1 102.49, 0.3 103.07; 230 (of corpus_en's 252): 101.99, 101.93,
 # 102.08, 102.75.
 DEFAULT_RIDGE = 0.1
 

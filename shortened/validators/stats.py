@@ -28,10 +28,6 @@ def bootstrap_ci(ratios, level: float = 0.95, n_boot: int = 2000, seed: int = 0)
     return float(np.quantile(meds, a)), float(np.quantile(meds, 1 - a))
 
 
-def equal_verdict(margin: float) -> str:
-    return f"equal within {margin:.0%}"
-
-
 def speedup_stats(ratios, ideal: float | None = None, level: float = 0.95, equal_within: float | None = None) -> dict:
     """Median, interval, relative half-width and verdict of paired speedups.
 
@@ -49,7 +45,7 @@ def speedup_stats(ratios, ideal: float | None = None, level: float = 0.95, equal
     half = (hi - lo) / 2 / st["median"]
     verdict = "faster" if lo > 1 else "slower" if hi < 1 else "not resolved"
     if verdict == "not resolved" and equal_within and lo >= 1 - equal_within and hi <= 1 + equal_within:
-        verdict = equal_verdict(equal_within)
+        verdict = f"equal within {equal_within * 100:g}%"
     out = {**st, "ci_low": lo, "ci_high": hi, "ci_level": level, "ci_half_rel": half, "verdict": verdict}
     if ideal:
         out["above_ideal"] = bool(lo > ideal)
